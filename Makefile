@@ -1,0 +1,30 @@
+# `make test` and `make demo` set everything up on a fresh machine, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moekit-installed
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, so nothing pulls a CUDA build
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+demo: $(STAMP)
+	$(VENV)/bin/moekit bench layer --out runs/bench/layer.json
+
+bench: demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

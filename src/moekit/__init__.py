@@ -1,0 +1,28 @@
+"""moekit: mixture-of-experts layers, routers, conversion and serving for PyTorch."""
+
+from . import routers
+from .dispatch import LocalDispatcher, Segments
+from .experts import GroupedExperts, available_backends, register_backend
+from .layer import FFN, MoE, RoutingStats, aux_loss, routing_stats
+from .routing import Router, Routing, load_balancing_loss, router_z_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoE",
+    "FFN",
+    "GroupedExperts",
+    "LocalDispatcher",
+    "Segments",
+    "Routing",
+    "Router",
+    "RoutingStats",
+    "aux_loss",
+    "routing_stats",
+    "routers",
+    "load_balancing_loss",
+    "router_z_loss",
+    "available_backends",
+    "register_backend",
+    "__version__",
+]

@@ -1,0 +1,23 @@
+"""Argument checks that name the parameter, the value received and what is valid."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_number(name: str, value, *, lo=None, hi=None, lo_open=False, integer=False, owner="") -> None:
+    """Raise TypeError/ValueError naming ``owner.name``, the value received and the valid range."""
+    what = f"{owner}: {name}" if owner else name
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    bad_hi = hi is not None and value > hi
+    if bad_lo or bad_hi:
+        left = "(" if lo_open else "["
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{what} must lie in {rng}, got {value!r}")

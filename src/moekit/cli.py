@@ -1,0 +1,67 @@
+"""The ``moekit`` command line. ``moekit --help`` lists the subcommands; each has its own ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_bench_layer(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.layer import run_layer_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_layer_bench(quick=args.quick, repeats=args.repeats, out=args.out, hf=not args.no_hf)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .experts import _BACKENDS
+    from .routers import available_routers
+
+    x = torch.zeros(1, 16)
+    w = torch.zeros(2, 16, 16)
+    print(f"moekit {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("routers:", ", ".join(available_routers()))
+    print("expert backends (fp32, cpu):", ", ".join(f"{n}={'yes' if b.supports(x, w) else 'no'}" for n, b in _BACKENDS.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-experts toolkit for PyTorch.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    info = sub.add_parser("info", help="version, routers and expert backends available here")
+    info.set_defaults(func=_cmd_info)
+
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    bsub.required = True
+    layer = bsub.add_parser(
+        "layer",
+        help="moekit.MoE vs HF Mixtral eager block vs dense FFN of equal active parameters",
+        description="Forward and forward+backward tokens/s of moekit.MoE, the transformers Mixtral block "
+        "(eager) with the same weights, and a dense SwiGLU FFN with the same active parameters.",
+    )
+    layer.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
+    layer.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
+    layer.add_argument("--out", default="runs/bench/layer.json", help="JSON output path")
+    layer.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    layer.add_argument("--no-hf", action="store_true", help="skip the transformers block")
+    layer.set_defaults(func=_cmd_bench_layer)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Local (single-device) dispatch: sort assignments by expert, gather once, combine.
+
+The dispatcher owns data movement only; the expert math lives in :mod:`moekit.experts`. An
+expert-parallel dispatcher (``moekit.parallel``) exposes the same two methods, so swapping the
+communication never touches the experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .routing import Routing
+
+
+@dataclass
+class Segments:
+    """Rows of an expert-sorted batch: expert ``e`` owns rows ``[ends[e] - sizes[e], ends[e])``."""
+
+    counts: Tensor  # [E] int64
+    sizes: list[int]  # the same counts on the host
+    ends: Tensor  # [E] int32 inclusive cumulative sums (``offs`` of torch._grouped_mm)
+
+    @classmethod
+    def from_counts(cls, counts_E: Tensor) -> Segments:
+        return cls(counts_E, counts_E.tolist(), torch.cumsum(counts_E, 0).to(torch.int32))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.sizes)
+
+    def expert_of_row(self) -> Tensor:
+        """``[N]`` expert id of each sorted row."""
+        return torch.repeat_interleave(torch.arange(len(self.sizes), device=self.counts.device), self.counts)
+
+
+@dataclass
+class DispatchContext:
+    token_N: Tensor  # token of each sorted row
+    weight_N: Tensor  # combine weight of each sorted row
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """Sort by expert (stable, so ties keep token order), gather, and weighted scatter-add back."""
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Segments, DispatchContext]:
+        expert_sorted, order = torch.sort(routing.expert, stable=True)
+        counts_E = torch.bincount(expert_sorted, minlength=routing.num_experts)
+        token_N = routing.token.index_select(0, order)
+        weight_N = routing.weight.index_select(0, order)
+        x_ND = x_TD.index_select(0, token_N)
+        return x_ND, Segments.from_counts(counts_E), DispatchContext(token_N, weight_N, routing.num_tokens)
+
+    def combine(self, y_ND: Tensor, ctx: DispatchContext) -> Tensor:
+        y_ND = y_ND * ctx.weight_N.to(y_ND.dtype).unsqueeze(-1)
+        out_TD = y_ND.new_zeros(ctx.num_tokens, y_ND.shape[-1])
+        return out_TD.index_add_(0, ctx.token_N, y_ND)

@@ -1,0 +1,235 @@
+"""The routing contract shared by every router, dispatcher and expert backend.
+
+A :class:`Routing` is a flat list of ``N`` assignments ``(token, expert, weight)``. Fixed top-k,
+ragged dynamic-k, expert choice, soft selection and all-experts-on routing all have this one
+shape, so the dispatcher and the experts never need to know which router produced it.
+
+Shape legend used in names: ``T`` tokens, ``D`` model width, ``E`` experts, ``K`` experts per
+token, ``N`` assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Routing",
+    "Router",
+    "load_balancing_loss",
+    "router_z_loss",
+]
+
+
+@dataclass
+class Routing:
+    """Who goes where, with which weight, and which auxiliary losses.
+
+    Attributes:
+        token: ``[N]`` int64, row of the flattened input ``x[T, D]``.
+        expert: ``[N]`` int64, expert id in ``[0, num_experts)``.
+        weight: ``[N]`` float, combine weight; carries the router's gradient.
+        num_tokens: ``T``.
+        num_experts: ``E``.
+        losses: named auxiliary losses, already multiplied by their coefficients.
+        logits: optional ``[T, E]`` router logits (fp32), for statistics and replay.
+        dropped: number of assignments removed by a capacity limit.
+        requested: number of assignments the router wanted before any drop (``T * k`` for top-k).
+    """
+
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+    num_tokens: int
+    num_experts: int
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    logits: Tensor | None = None
+    dropped: int = 0
+    requested: int | None = None
+
+    @property
+    def num_assignments(self) -> int:
+        return int(self.token.numel())
+
+    @classmethod
+    def from_topk(
+        cls,
+        indices_TK: Tensor,
+        weights_TK: Tensor,
+        num_experts: int,
+        **extra,
+    ) -> Routing:
+        """Build a Routing from dense ``[T, K]`` expert ids and weights (token-major order)."""
+        T, K = indices_TK.shape
+        token = torch.arange(T, device=indices_TK.device).repeat_interleave(K)
+        return cls(
+            token=token,
+            expert=indices_TK.reshape(-1).long(),
+            weight=weights_TK.reshape(-1),
+            num_tokens=T,
+            num_experts=num_experts,
+            **extra,
+        )
+
+    def counts(self) -> Tensor:
+        """Assignments per expert, ``[E]`` int64."""
+        return torch.bincount(self.expert, minlength=self.num_experts)
+
+    def experts_per_token(self) -> Tensor:
+        """Number of experts each token was sent to, ``[T]`` int64."""
+        return torch.bincount(self.token, minlength=self.num_tokens)
+
+    def detach(self) -> Routing:
+        """A copy without autograd history (for statistics, traces and replay)."""
+        return Routing(
+            token=self.token,
+            expert=self.expert,
+            weight=self.weight.detach(),
+            num_tokens=self.num_tokens,
+            num_experts=self.num_experts,
+            losses={k: v.detach() for k, v in self.losses.items()},
+            logits=None if self.logits is None else self.logits.detach(),
+            dropped=self.dropped,
+            requested=self.requested,
+        )
+
+    def validate(self, num_tokens: int | None = None, num_experts: int | None = None) -> None:
+        """Raise ValueError if the routing is malformed or does not fit the given sizes."""
+        if num_tokens is not None and self.num_tokens != num_tokens:
+            raise ValueError(
+                f"routing: num_tokens={self.num_tokens} but the input has {num_tokens} tokens; "
+                "pass a Routing computed for this input (same flattened leading dims)"
+            )
+        if num_experts is not None and self.num_experts != num_experts:
+            raise ValueError(
+                f"routing: num_experts={self.num_experts} but the layer has {num_experts} experts"
+            )
+        n = self.token.numel()
+        if self.expert.numel() != n or self.weight.numel() != n:
+            raise ValueError(
+                "routing: token, expert and weight must have the same length, got "
+                f"{n}, {self.expert.numel()}, {self.weight.numel()}"
+            )
+        if self.token.dtype != torch.int64 or self.expert.dtype != torch.int64:
+            raise TypeError(
+                f"routing: token and expert must be int64, got {self.token.dtype} and {self.expert.dtype}"
+            )
+        if n:
+            lo, hi = int(self.expert.min()), int(self.expert.max())
+            if lo < 0 or hi >= self.num_experts:
+                raise ValueError(
+                    f"routing: expert ids must lie in [0, {self.num_experts}), got range [{lo}, {hi}]"
+                )
+            lo, hi = int(self.token.min()), int(self.token.max())
+            if lo < 0 or hi >= self.num_tokens:
+                raise ValueError(
+                    f"routing: token ids must lie in [0, {self.num_tokens}), got range [{lo}, {hi}]"
+                )
+
+
+# ----------------------------------------------------------------------------------- losses
+
+
+def load_balancing_loss(probs_TE: Tensor, expert_N: Tensor, num_assignments: int | None = None) -> Tensor:
+    """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the router's requested assignments that went to expert ``e``
+    (counted before any capacity drop) and ``P_e`` the mean router probability of ``e``. The
+    value is 1.0 for a perfectly balanced router whatever ``k`` is. (Hugging Face's
+    ``load_balancing_loss_func`` counts ``f_e`` per token instead of per assignment, so its value
+    is ``k`` times this one.)
+    """
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    n = num_assignments if num_assignments is not None else expert_N.numel()
+    f_E = torch.bincount(expert_N, minlength=E).to(probs_TE.dtype) / max(n, 1)
+    P_E = probs_TE.mean(dim=0)
+    return E * torch.dot(f_E, P_E)
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)**2``."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def entropy(probs_TE: Tensor) -> Tensor:
+    """Mean entropy (nats) of the per-token router distributions."""
+    if probs_TE.shape[0] == 0:
+        return probs_TE.new_zeros(())
+    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------- router base
+
+
+class Router(nn.Module):
+    """Base class of every router.
+
+    A router is built without knowing the layer it will serve (``TopK(k=2)``); the MoE layer
+    calls :meth:`bind` with the model width and the number of experts, which creates the
+    router's parameters. ``forward(x[T, D], **context) -> Routing``; context is explicit and
+    optional (``token_ids``, ``importance``, ``task``...). Routers never touch expert weights.
+    """
+
+    #: name in the router registry (set by ``register_router``)
+    name: str = "router"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d_model: int | None = None
+        self.num_experts: int | None = None
+
+    @property
+    def bound(self) -> bool:
+        return self.num_experts is not None
+
+    def bind(self, d_model: int, num_experts: int) -> Router:
+        """Attach to a layer of width ``d_model`` with ``num_experts`` experts; build parameters."""
+        if self.bound:
+            if (self.d_model, self.num_experts) != (d_model, num_experts):
+                raise ValueError(
+                    f"{type(self).__name__} is already bound to d_model={self.d_model}, "
+                    f"num_experts={self.num_experts}; got d_model={d_model}, num_experts={num_experts}. "
+                    "Use a fresh router instance for each layer"
+                )
+            return self
+        self.check_num_experts(num_experts)
+        self.d_model, self.num_experts = d_model, num_experts
+        self.build(d_model, num_experts)
+        return self
+
+    def check_num_experts(self, num_experts: int) -> None:
+        """Raise ValueError if this router cannot serve ``num_experts`` experts."""
+
+    def build(self, d_model: int, num_experts: int) -> None:
+        """Create parameters (called once by :meth:`bind`)."""
+
+    def _require_bound(self) -> None:
+        if not self.bound:
+            raise RuntimeError(
+                f"{type(self).__name__} is not bound to a layer yet: pass it to moekit.MoE(..., router=...) "
+                "or call router.bind(d_model, num_experts)"
+            )
+
+    def forward(self, x_TD: Tensor, **context) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LinearRouter(Router):
+    """A router whose scores are one bias-free linear map of the input, computed in fp32.
+
+    The weight is ``[E, D]`` and named ``weight`` (the Mixtral/Qwen/OLMoE layout).
+    """
+
+    def build(self, d_model: int, num_experts: int) -> None:
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        return F.linear(x_TD.float(), self.weight.float())
