@@ -56,7 +56,7 @@ def _skewed_input(T, d, skew, dtype):
     capacity=st.one_of(st.none(), st.floats(0.25, 2.0)),
     skew=st.sampled_from([0.0, 2.0, 8.0]),
     renorm=st.booleans(),
-    activation=st.sampled_from(["swiglu", "gelu"]),
+    activation=st.sampled_from(["swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu"]),
     bias=st.booleans(),
     shared=st.booleans(),
     backend=st.sampled_from(BACKENDS),

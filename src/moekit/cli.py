@@ -13,7 +13,8 @@ def _cmd_bench_layer(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_layer_bench(quick=args.quick, repeats=args.repeats, out=args.out, hf=not args.no_hf)
+    run_layer_bench(quick=args.quick, repeats=args.repeats, out=args.out, hf=not args.no_hf,
+                    malloc_tuning=not args.no_malloc_tuning)
     return 0
 
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--out", default="runs/bench/layer.json", help="JSON output path")
     layer.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     layer.add_argument("--no-hf", action="store_true", help="skip the transformers block")
+    layer.add_argument("--no-malloc-tuning", action="store_true",
+                       help="leave glibc malloc's thresholds alone (see moekit.bench.timing.keep_freed_memory)")
     layer.set_defaults(func=_cmd_bench_layer)
     return p
 

@@ -1,13 +1,15 @@
 """Grouped FFN experts with 3D weights ``[E, out, in]`` and a registry of compute backends.
 
-A backend computes one *grouped linear*: rows ``x[N, in]`` sorted by expert, weights
-``w[E, out, in]``, segment sizes -> ``y[N, out]``. The layer picks the fastest backend that
-supports the call (device, dtype, alignment); callers may force one for tests and benchmarks.
+The layer picks the fastest backend that supports the call (device, dtype, alignment) by
+itself; callers may force one (``backend=``) for tests and benchmarks.
 
-Backends:
-    ``grouped_mm``  ``torch._grouped_mm`` (torch >= 2.9; fp32/bf16; 16-byte aligned strides).
-    ``loop``        one ``F.linear`` per non-empty expert over ``w.unbind(0)``; runs everywhere,
-                    any dtype. Never ``w[e]`` in a loop: its backward is O(E^2).
+Backends (each computes the whole expert FFN on expert-sorted rows):
+    ``loop``        a segment loop: per expert, both matmuls on its contiguous rows, written into
+                    preallocated buffers, with a hand-written backward that fills ``[E, out, in]``
+                    weight gradients per expert (never autograd through ``w[e]``: that backward is
+                    O(E^2)). Any dtype, any device, any width.
+    ``grouped_mm``  ``torch._grouped_mm`` for both projections (torch >= 2.9; fp32/bf16; 16-byte
+                    aligned widths); chosen first wherever it runs.
 """
 
 from __future__ import annotations
@@ -31,20 +33,36 @@ __all__ = ["GroupedExperts", "ACTIVATIONS", "register_backend", "available_backe
 @dataclass(frozen=True)
 class Activation:
     fn: Callable[[Tensor], Tensor]
+    fn_backward: Callable[[Tensor, Tensor], Tensor]  # (grad of fn's output, fn's input) -> grad of input
     gated: bool  # gated (GLU) FFNs project to 2F and compute fn(gate) * up
+
+    def apply(self, h: Tensor) -> Tensor:
+        """``fn(gate) * up`` for gated activations (``h = [gate | up]``), else ``fn(h)``."""
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.fn(gate) * up
+        return self.fn(h)
+
+    def backward(self, h: Tensor, grad_a: Tensor) -> Tensor:
+        """Gradient of :meth:`apply` at ``h`` given the gradient of its output (torch's fused kernels)."""
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return torch.cat([self.fn_backward(grad_a * up, gate), grad_a * self.fn(gate)], dim=-1)
+        return self.fn_backward(grad_a, h)
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+_aten = torch.ops.aten
 ACTIVATIONS: dict[str, Activation] = {
-    "swiglu": Activation(F.silu, True),
-    "geglu": Activation(F.gelu, True),
-    "gelu": Activation(F.gelu, False),
-    "gelu_tanh": Activation(_gelu_tanh, False),
-    "relu": Activation(F.relu, False),
-    "silu": Activation(F.silu, False),
+    "swiglu": Activation(F.silu, _aten.silu_backward, True),
+    "geglu": Activation(F.gelu, _aten.gelu_backward, True),
+    "gelu": Activation(F.gelu, _aten.gelu_backward, False),
+    "gelu_tanh": Activation(_gelu_tanh, lambda g, x: _aten.gelu_backward(g, x, approximate="tanh"), False),
+    "relu": Activation(F.relu, lambda g, x: _aten.threshold_backward(g, x, 0), False),
+    "silu": Activation(F.silu, _aten.silu_backward, False),
 }
 
 
@@ -56,86 +74,170 @@ def get_activation(name: str) -> Activation:
 
 # ----------------------------------------------------------------------------------- backends
 
-GroupedLinear = Callable[[Tensor, Tensor, Segments], Tensor]
+ExpertsFn = Callable[[Tensor, "GroupedExperts", Segments], Tensor]
 
 
 @dataclass
 class Backend:
     name: str
-    fn: GroupedLinear
-    supports: Callable[[Tensor, Tensor], bool]
+    fn: ExpertsFn  # (x_ND sorted by expert, experts module, segments) -> y_ND
+    supports: Callable[[Tensor, GroupedExperts], bool]
 
 
-_BACKENDS: dict[str, Backend] = {}
-# Preference order per device type, fastest first (see benchmarks/ and `moekit bench layer`).
-_PREFERENCE: dict[str, list[str]] = {"cuda": ["grouped_mm", "loop"], "default": ["loop", "grouped_mm"]}
+_BACKENDS: dict[str, Backend] = {}  # in order of preference: the first able one runs
 
 
-def register_backend(name: str, fn: GroupedLinear, supports: Callable[[Tensor, Tensor], bool]) -> None:
-    """Register a grouped-linear backend; ``supports(x, w)`` says whether it can run a call."""
-    _BACKENDS[name] = Backend(name, fn, supports)
-    for order in _PREFERENCE.values():
-        if name not in order:
-            order.append(name)
+def register_backend(name: str, fn: ExpertsFn, supports: Callable[[Tensor, GroupedExperts], bool],
+                     first: bool = False) -> None:
+    """Register an expert backend; ``supports(x, experts)`` says whether it can run a call.
+
+    ``first=True`` puts it ahead of the existing ones in the automatic choice.
+    """
+    _BACKENDS.pop(name, None)
+    if first:
+        rest = dict(_BACKENDS)
+        _BACKENDS.clear()
+        _BACKENDS[name] = Backend(name, fn, supports)
+        _BACKENDS.update(rest)
+    else:
+        _BACKENDS[name] = Backend(name, fn, supports)
 
 
 def available_backends() -> list[str]:
     return list(_BACKENDS)
 
 
-def select_backend(x: Tensor, w: Tensor, preferred: str | None = None) -> Backend:
-    """The backend to use for ``x @ w[e].T``: ``preferred`` if given and able, else the best able one."""
+def select_backend(x: Tensor, experts: GroupedExperts, preferred: str | None = None) -> Backend:
+    """``preferred`` if given and able to run this call, else the first able backend in preference order."""
     if preferred is not None:
         if preferred not in _BACKENDS:
             raise ValueError(f"backend: unknown value {preferred!r}; valid values are {available_backends()}")
         b = _BACKENDS[preferred]
-        if not b.supports(x, w):
+        if not b.supports(x, experts):
             raise ValueError(
                 f"backend: {preferred!r} cannot run dtype={x.dtype}, device={x.device.type}, "
-                f"in={w.shape[-1]}, out={w.shape[-2]}; use backend=None to choose automatically"
+                f"d_model={experts.d_model}, d_ff={experts.d_ff}; use backend=None to choose automatically"
             )
         return b
-    order = _PREFERENCE.get(x.device.type, _PREFERENCE["default"])
-    for name in order:
-        b = _BACKENDS[name]
-        if b.supports(x, w):
+    for b in _BACKENDS.values():
+        if b.supports(x, experts):
             return b
-    raise RuntimeError(f"no expert backend supports dtype={x.dtype} on {x.device}")  # loop supports all
+    raise RuntimeError(f"no expert backend supports dtype={x.dtype} on {x.device}")  # "loop" supports all
 
 
-def _empty_linear(x_ND: Tensor, w_EOI: Tensor) -> Tensor:
-    """``[0, out]`` that stays on the autograd graph (like a dense layer's output on an empty batch)."""
-    return x_ND @ w_EOI[0].t() if w_EOI.shape[0] else x_ND.new_zeros(0, w_EOI.shape[1])
+# --- segment loop: one fused FFN per expert over its contiguous rows, written in place
 
 
-def _loop_linear(x_ND: Tensor, w_EOI: Tensor, seg: Segments) -> Tensor:
-    if x_ND.shape[0] == 0:
-        return _empty_linear(x_ND, w_EOI)
-    outs = [
-        F.linear(x_nI, w_OI)
-        for x_nI, w_OI, n in zip(x_ND.split(seg.sizes), w_EOI.unbind(0), seg.sizes, strict=True)
-        if n
-    ]
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
+def _segments(sizes) -> list[tuple[int, slice]]:
+    """``(expert, rows)`` for each expert that has rows."""
+    out, start = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            out.append((e, slice(start, start + n)))
+            start += n
+    return out
+
+
+class _SegmentLoopFFN(torch.autograd.Function):
+    """``y[rows_e] = down_e(act(first_e(x[rows_e])))`` for each expert ``e``, with a hand-written backward.
+
+    Matmuls run per expert on its contiguous rows and write into preallocated buffers (nothing to
+    concatenate); elementwise work runs once over all rows; weight gradients are ``[E, out, in]``
+    buffers filled per expert (no O(E^2) ``W[e]`` backward). Without autograd, each expert's
+    hidden state stays in cache between its two matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w1, b1, w2, b2, sizes, act):
+        segs = _segments(sizes)
+        out = x_ND.new_empty(x_ND.shape[0], w2.shape[1])
+        need_grad = any(ctx.needs_input_grad[:5])
+        if not need_grad:
+            for e, rows in segs:
+                h = torch.mm(x_ND[rows], w1[e].t()) if b1 is None else torch.addmm(b1[e], x_ND[rows], w1[e].t())
+                _mm_into(out[rows], act.apply(h), w2[e].t(), None if b2 is None else b2[e])
+            return out
+        h_NH = x_ND.new_empty(x_ND.shape[0], w1.shape[1])
+        for e, rows in segs:
+            _mm_into(h_NH[rows], x_ND[rows], w1[e].t(), None if b1 is None else b1[e])
+        a_NF = act.apply(h_NH)
+        for e, rows in segs:
+            _mm_into(out[rows], a_NF[rows], w2[e].t(), None if b2 is None else b2[e])
+        ctx.segs, ctx.act = segs, act
+        ctx.save_for_backward(x_ND, w1, w2, h_NH, a_NF)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x_ND, w1, w2, h_NH, a_NF = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        g_ND = grad_out.contiguous()
+        segs = ctx.segs
+        da_NF = h_NH.new_empty(h_NH.shape[0], w2.shape[2])
+        for e, rows in segs:
+            torch.mm(g_ND[rows], w2[e], out=da_NF[rows])
+        dh_NH = ctx.act.backward(h_NH, da_NF)
+        dx = torch.empty_like(x_ND) if need_x else None
+        dw1 = w1.new_zeros(w1.shape) if need_w1 and len(segs) < w1.shape[0] else torch.empty_like(w1) if need_w1 else None
+        dw2 = w2.new_zeros(w2.shape) if need_w2 and len(segs) < w2.shape[0] else torch.empty_like(w2) if need_w2 else None
+        db1 = w1.new_zeros(w1.shape[:2]) if need_b1 else None
+        db2 = w2.new_zeros(w2.shape[:2]) if need_b2 else None
+        for e, rows in segs:
+            if dw2 is not None:
+                torch.mm(g_ND[rows].t(), a_NF[rows], out=dw2[e])
+            if db2 is not None:
+                db2[e] = g_ND[rows].sum(0)
+            if dw1 is not None:
+                torch.mm(dh_NH[rows].t(), x_ND[rows], out=dw1[e])
+            if db1 is not None:
+                db1[e] = dh_NH[rows].sum(0)
+            if dx is not None:
+                torch.mm(dh_NH[rows], w1[e], out=dx[rows])
+        return dx, dw1, db1, dw2, db2, None, None
+
+
+def _loop_experts(x_ND: Tensor, experts: GroupedExperts, seg: Segments) -> Tensor:
+    return _SegmentLoopFFN.apply(
+        x_ND.contiguous(), experts.first_proj, experts.first_bias, experts.down_proj, experts.down_proj_bias,
+        tuple(seg.sizes), experts.act,
+    )
+
+
+# --- torch._grouped_mm: two grouped GEMMs with the activation between them
 
 
 def _contiguous_grad(g: Tensor) -> Tensor:
     return g.contiguous()
 
 
-def _grouped_mm_linear(x_ND: Tensor, w_EOI: Tensor, seg: Segments) -> Tensor:
-    if x_ND.shape[0] == 0:
-        return _empty_linear(x_ND, w_EOI)
+def _grouped_linear(x_ND: Tensor, w_EOI: Tensor, b_EO: Tensor | None, seg: Segments, rows_N: Tensor | None) -> Tensor:
     y = torch._grouped_mm(x_ND.contiguous(), w_EOI.transpose(-2, -1), offs=seg.ends)
     if y.requires_grad:  # the op's backward rejects zero-stride (expanded) incoming gradients
         y.register_hook(_contiguous_grad)
-    return y
+    return y if b_EO is None else y + b_EO.index_select(0, rows_N)
+
+
+def _grouped_mm_experts(x_ND: Tensor, experts: GroupedExperts, seg: Segments) -> Tensor:
+    if x_ND.shape[0] == 0:  # an empty [0, D] that stays on the autograd graph
+        return x_ND @ experts.down_proj.new_zeros(experts.d_model, experts.d_model)
+    rows_N = seg.expert_of_row() if experts.down_proj_bias is not None else None
+    h = _grouped_linear(x_ND, experts.first_proj, experts.first_bias, seg, rows_N)
+    return _grouped_linear(experts.act.apply(h), experts.down_proj, experts.down_proj_bias, seg, rows_N)
 
 
 _GMM_PROBED: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs forward and backward here (probed once per device type and dtype)."""
     key = (device.type, dtype)
     if key not in _GMM_PROBED:
         ok = False
@@ -154,17 +256,20 @@ def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     return _GMM_PROBED[key]
 
 
-def _grouped_mm_supports(x: Tensor, w: Tensor) -> bool:
-    if x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype:
+def _grouped_mm_supports(x: Tensor, experts: GroupedExperts) -> bool:
+    if x.dtype not in (torch.float32, torch.bfloat16) or experts.down_proj.dtype != x.dtype:
         return False
     es = x.element_size()
-    if (w.shape[-1] * es) % 16 or (w.shape[-2] * es) % 16 or not w.is_contiguous():
+    widths = (experts.d_model, experts.d_ff, experts.first_proj.shape[1])
+    if any((w * es) % 16 for w in widths):  # 16-byte aligned strides
         return False
     return _grouped_mm_runs(x.device, x.dtype)
 
 
-register_backend("loop", _loop_linear, lambda x, w: True)
-register_backend("grouped_mm", _grouped_mm_linear, _grouped_mm_supports)
+# grouped_mm first: on CPU it matches the loop at E=8 and is faster at E=64 (`moekit bench layer`),
+# and it is the fast path on CUDA; the loop runs everything else (fp64/fp16, odd widths, old torch).
+register_backend("grouped_mm", _grouped_mm_experts, _grouped_mm_supports)
+register_backend("loop", _loop_experts, lambda x, experts: True)
 
 
 # ----------------------------------------------------------------------------------- module
@@ -230,17 +335,6 @@ class GroupedExperts(nn.Module):
             f"activation={self.activation!r}, bias={self.down_proj_bias is not None}, backend={self.backend}"
         )
 
-    def _linear(self, x_ND: Tensor, w_EOI: Tensor, b_EO: Tensor | None, seg: Segments, rows_N) -> Tensor:
-        y = select_backend(x_ND, w_EOI, self.backend).fn(x_ND, w_EOI, seg)
-        return y if b_EO is None else y + b_EO.index_select(0, rows_N)
-
     def forward(self, x_ND: Tensor, seg: Segments) -> Tensor:
         """Apply expert ``e`` to its segment of the expert-sorted rows ``x_ND``."""
-        rows_N = seg.expert_of_row() if self.down_proj_bias is not None else None
-        h = self._linear(x_ND, self.first_proj, self.first_bias, seg, rows_N)
-        if self.act.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act.fn(gate) * up
-        else:
-            h = self.act.fn(h)
-        return self._linear(h, self.down_proj, self.down_proj_bias, seg, rows_N)
+        return select_backend(x_ND, self, self.backend).fn(x_ND, self, seg)

@@ -8,6 +8,7 @@ repeated runs; ratios compare numbers measured in this same run.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..experts import available_backends
 from ..layer import FFN, MoE
 from ..routers import TopK
-from .timing import median_time
+from .timing import interleaved_medians, keep_freed_memory
 
 
 @dataclass
@@ -57,70 +59,119 @@ def _hf_block(moe: MoE, case: LayerCase):
     return to_hf(moe, like=MixtralSparseMoeBlock(cfg))
 
 
-def _timers(module, x, grad, repeats):
-    def fwd():
+def _fwd(module, x):
+    def run():
+        module.eval()
         with torch.no_grad():
             module(x)
 
-    def fwd_bwd():
+    return run
+
+
+def _fwd_bwd(module, x, grad):
+    def run():
+        module.train()
         module.zero_grad(set_to_none=True)
         x.grad = None
         module(x).backward(grad)
 
-    return median_time(fwd, repeats), median_time(fwd_bwd, repeats)
+    return run
+
+
+def _experts_only(moe: MoE, x, backend: str):
+    """The expert FFNs alone on already-dispatched rows: the ceiling for the whole layer."""
+    experts = copy.deepcopy(moe.experts)
+    experts.backend = backend
+    x_TD = x.detach().reshape(-1, moe.d_model)
+    with torch.no_grad():
+        x_ND, seg, _ = moe.dispatcher.dispatch(x_TD, moe.gate(x_TD))
+    x_ND = x_ND.clone().requires_grad_(True)
+    g_ND = torch.randn_like(x_ND)
+
+    def fwd():
+        with torch.no_grad():
+            experts(x_ND, seg)
+
+    def fwd_bwd():
+        experts.zero_grad(set_to_none=True)
+        x_ND.grad = None
+        experts(x_ND, seg).backward(g_ND)
+
+    return fwd, fwd_bwd
+
+
+DENSE = "dense (equal active)"
 
 
 def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | os.PathLike | None = None,
-                    hf: bool = True, console=None) -> dict:
-    """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results."""
+                    hf: bool = True, malloc_tuning: bool = True, console=None) -> dict:
+    """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
+
+    Forward is timed in eval mode under ``torch.no_grad()`` (inference); forward+backward in
+    training mode with the routers' auxiliary losses on. Implementations are timed round-robin.
+    """
     from rich.console import Console
+    from rich.progress import Progress
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 110))
     cases = QUICK_CASES if quick else CASES
     repeats = repeats or (3 if quick else 7)
+    tuned = keep_freed_memory() if malloc_tuning else False
     torch.manual_seed(0)
     results = []
-    for case in cases:
-        x = torch.randn(1, case.T, case.d, requires_grad=True)  # [B, S, D]: HF blocks want 3D
-        grad = torch.randn(1, case.T, case.d)
-        moe = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False)
-        dense = FFN(case.d, case.k * case.d_ff)
-        impls = {"dense (equal active)": dense, "moekit": moe}
-        for backend in ("loop", "grouped_mm"):
-            m = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False, backend=backend)
-            m.load_state_dict(moe.state_dict())
-            impls[f"moekit ({backend})"] = m
-        if hf:
-            impls["HF Mixtral eager"] = _hf_block(moe, case)
-        row = {"case": asdict(case), "impls": {}}
-        for name, module in impls.items():
-            module.train()
-            console.print(f"[dim]{case.name}: {name}...[/dim]")
-            t_f, t_fb = _timers(module, x, grad, repeats)
-            row["impls"][name] = {
-                "forward_s": t_f,
-                "forward_tok_s": case.T / t_f,
-                "fwd_bwd_s": t_fb,
-                "fwd_bwd_tok_s": case.T / t_fb,
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench layer", total=len(cases) * 2 * repeats)
+        for case in cases:
+            x = torch.randn(1, case.T, case.d, requires_grad=True)  # [B, S, D]: HF blocks want 3D
+            grad = torch.randn(1, case.T, case.d)
+            moe = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False).train()
+            impls = {DENSE: FFN(case.d, case.k * case.d_ff), "moekit": moe}
+            for backend in available_backends():
+                m = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False, backend=backend)
+                m.load_state_dict(moe.state_dict())
+                impls[f"moekit ({backend})"] = m.train()
+            if hf:
+                impls["HF Mixtral eager"] = _hf_block(moe, case).train()
+            fwd = {name: _fwd(m, x) for name, m in impls.items()}
+            fwd_bwd = {name: _fwd_bwd(m, x, grad) for name, m in impls.items()}
+            for backend in available_backends():
+                fwd[f"experts only ({backend})"], fwd_bwd[f"experts only ({backend})"] = _experts_only(moe, x, backend)
+            progress.update(task, description=f"{case.name}: forward")
+            t_f = interleaved_medians(fwd, repeats, progress=lambda: progress.advance(task))
+            progress.update(task, description=f"{case.name}: forward+backward")
+            t_fb = interleaved_medians(fwd_bwd, repeats, progress=lambda: progress.advance(task))
+            row = {"case": asdict(case), "impls": {}}
+            for name in fwd:
+                row["impls"][name] = {
+                    "forward_s": t_f[name],
+                    "forward_tok_s": case.T / t_f[name],
+                    "fwd_bwd_s": t_fb[name],
+                    "fwd_bwd_tok_s": case.T / t_fb[name],
+                }
+            r = row["impls"]
+            row["ratios"] = {
+                "forward_vs_dense": t_f[DENSE] / t_f["moekit"],
+                "fwd_bwd_vs_dense": t_fb[DENSE] / t_fb["moekit"],
+                "experts_only_forward_vs_dense": t_f[DENSE] / min(t_f[f"experts only ({b})"] for b in available_backends()),
+                "experts_only_fwd_bwd_vs_dense": t_fb[DENSE] / min(t_fb[f"experts only ({b})"] for b in available_backends()),
             }
-        r = row["impls"]
-        row["ratios"] = {
-            "forward_vs_dense": r["moekit"]["forward_tok_s"] / r["dense (equal active)"]["forward_tok_s"],
-            "fwd_bwd_vs_dense": r["moekit"]["fwd_bwd_tok_s"] / r["dense (equal active)"]["fwd_bwd_tok_s"],
-        }
-        if hf:
-            row["ratios"]["forward_vs_hf"] = r["moekit"]["forward_tok_s"] / r["HF Mixtral eager"]["forward_tok_s"]
-            row["ratios"]["fwd_bwd_vs_hf"] = r["moekit"]["fwd_bwd_tok_s"] / r["HF Mixtral eager"]["fwd_bwd_tok_s"]
-        results.append(row)
+            if hf:
+                row["ratios"]["forward_vs_hf"] = t_f["HF Mixtral eager"] / t_f["moekit"]
+                row["ratios"]["fwd_bwd_vs_hf"] = t_fb["HF Mixtral eager"] / t_fb["moekit"]
+            results.append(row)
+            del r
 
-    table = Table(title=f"moekit bench layer (fp32, {torch.get_num_threads()} threads, median of {repeats})")
+    table = Table(
+        title=f"moekit bench layer (fp32, {torch.get_num_threads()} threads, median of {repeats}, "
+        f"malloc tuning {'on' if tuned else 'off'})"
+    )
     for col in ("case", "implementation", "fwd tok/s", "fwd+bwd tok/s", "fwd vs dense", "fwd+bwd vs dense"):
         table.add_column(col, justify="left" if col in ("case", "implementation") else "right", no_wrap=True)
     for row in results:
         c = row["case"]
         label = c["name"]
-        dense = row["impls"]["dense (equal active)"]
+        dense = row["impls"][DENSE]
         for name, v in row["impls"].items():
             table.add_row(
                 label, name, f"{v['forward_tok_s']:,.0f}", f"{v['fwd_bwd_tok_s']:,.0f}",
@@ -140,6 +191,7 @@ def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | 
         "machine": platform.machine(),
         "processor": platform.processor(),
         "repeats": repeats,
+        "malloc_tuning": tuned,
         "results": results,
     }
     if out is not None:

@@ -7,14 +7,51 @@ import time
 from collections.abc import Callable
 
 
-def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, min_time: float = 0.0) -> float:
+def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeats, warmup)["fn"]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1,
+                        progress: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median wall time (s) of each function, timed round-robin.
+
+    Round ``r`` times every function once, so slow phases of a shared machine hit all of them
+    alike and their ratios stay meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if progress is not None:
+            progress()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to keep freed blocks instead of returning them to the OS.
+
+    PyTorch on CPU allocates its large activations with malloc. By default glibc serves blocks
+    above a threshold with mmap and unmaps them on free, so every iteration page-faults its big
+    buffers afresh; how much depends on what ran just before, which makes interleaved timings
+    of different modules disagree. jemalloc/tcmalloc avoid this; here we raise glibc's mmap and
+    trim thresholds (process-wide, for every implementation alike). Returns False where glibc's
+    ``mallopt`` is unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..routing import LinearRouter, Routing, router_z_loss
 from .._checks import check_number
+from ..routing import LinearRouter, Routing, router_z_loss
 from ._registry import register_router
 
 

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..routing import LinearRouter, Routing, load_balancing_loss, router_z_loss
 from .._checks import check_number
+from ..routing import LinearRouter, Routing, load_balancing_loss, router_z_loss
 from ._registry import register_router
 
 
