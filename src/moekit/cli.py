@@ -22,14 +22,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .experts import _BACKENDS
+    from .experts import GroupedExperts, available_backends, select_backend
     from .routers import available_routers
 
-    x = torch.zeros(1, 16)
-    w = torch.zeros(2, 16, 16)
     print(f"moekit {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("routers:", ", ".join(available_routers()))
-    print("expert backends (fp32, cpu):", ", ".join(f"{n}={'yes' if b.supports(x, w) else 'no'}" for n, b in _BACKENDS.items()))
+    print("expert backends:", ", ".join(available_backends()))
+    experts = GroupedExperts(4, 64, 64)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        chosen = select_backend(torch.zeros(1, 64, dtype=dtype), experts.to(dtype)).name
+        print(f"  cpu {str(dtype).removeprefix('torch.')}: {chosen}")
     return 0
 
 
