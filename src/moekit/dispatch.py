@@ -55,6 +55,8 @@ class LocalDispatcher:
         return x_ND, Segments.from_counts(counts_E), DispatchContext(token_N, weight_N, routing.num_tokens)
 
     def combine(self, y_ND: Tensor, ctx: DispatchContext) -> Tensor:
-        y_ND = y_ND * ctx.weight_N.to(y_ND.dtype).unsqueeze(-1)
+        w_N1 = ctx.weight_N.to(y_ND.dtype).unsqueeze(-1)
+        # the experts' output buffer is ours alone: scale it in place unless autograd needs it
+        y_ND = y_ND * w_N1 if (y_ND.requires_grad or w_N1.requires_grad) else y_ND.mul_(w_N1)
         out_TD = y_ND.new_zeros(ctx.num_tokens, y_ND.shape[-1])
         return out_TD.index_add_(0, ctx.token_N, y_ND)
