@@ -66,10 +66,11 @@ def default_variants(base: GPTConfig) -> list[Variant]:
     ]
 
 
-def _step_time(model: GPT, data: TokenStream, cfg: TrainConfig, steps: int = 3) -> float:
-    """Median seconds per training step, measured on a throw-away copy of the optimizer state."""
-    trainer = Trainer(model, data, None, replace(cfg, steps=steps + 1), progress=False)
-    trainer.train_step()  # warm-up
+def _step_time(model: GPT, data: TokenStream, cfg: TrainConfig, steps: int = 5) -> float:
+    """Median seconds per training step of a throw-away model (after two warm-up steps)."""
+    trainer = Trainer(model, data, None, replace(cfg, steps=steps + 2), progress=False)
+    trainer.train_step()
+    trainer.train_step()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

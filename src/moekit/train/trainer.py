@@ -95,8 +95,12 @@ class Trainer:
         self.history.append(record)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            # one write() of a whole line with O_APPEND: a kill never leaves half a record behind
+            fd = os.open(self.out_dir / "metrics.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+            finally:
+                os.close(fd)
 
     def save(self) -> Path | None:
         if self.ckpt_dir is None:
