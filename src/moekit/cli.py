@@ -39,7 +39,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out=args.out, quick=args.quick, minutes=args.minutes, data=args.data, seed=args.seed,
-             variants=args.variants)
+             variants=args.variants, experiments_dir=args.experiments)
     return 0
 
 
@@ -48,6 +48,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     train_from_args(args)
     return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f".experiments.{EXPERIMENTS[args.name]}", __package__)
+    kw = {} if args.seeds is None else {"seeds": args.seeds}
+    module.run(out=args.out or f"runs/experiments/{args.name}", quick=args.quick, **kw)
+    return 0
+
+
+EXPERIMENTS = {"dselect": "dselect", "dsmoe": "dsmoe", "dynamic-k": "dynamic_k"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default=None, help="text file, folder or JSONL instead of the bundled corpus")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--variants", nargs="+", default=None, help="train only these variants")
+    demo.add_argument("--experiments", default="runs/experiments",
+                      help="folder of `moekit experiment` results to include in the report")
     demo.set_defaults(func=_cmd_demo)
 
     from .train.cli import add_train_arguments
@@ -80,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
+
+    exp = sub.add_parser(
+        "experiment", help="check a method against its paper (table, JSON, PNG)",
+        description="Run one experiment: several seeds, a printed table, results.json and a PNG.",
+    )
+    exp.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
+    exp.add_argument("--out", default=None, help="output folder (default runs/experiments/NAME)")
+    exp.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the experiment's)")
+    exp.add_argument("--quick", action="store_true", help="small data and few epochs (smoke test)")
+    exp.set_defaults(func=_cmd_experiment)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")

@@ -111,10 +111,71 @@ def _balance(loads: dict[str, dict]) -> float | None:
     return statistics.mean(vals) if vals else None
 
 
+def prepare_corpus(s: DemoSettings, data: str | None = None, console=None):
+    """Training and validation token streams and the tokenizer (trained once, then cached)."""
+    splits = by_split(load_corpus(data))
+    train_docs = splits["train"]
+    if s.max_train_docs and len(train_docs) > s.max_train_docs:  # an even sample across languages and topics
+        train_docs = train_docs[:: math.ceil(len(train_docs) / s.max_train_docs)]
+    val_docs = splits["validation"]
+    if not val_docs:
+        raise ValueError("the corpus has no validation documents; give more text")
+    tokenizer, hit = train_tokenizer([d.text for d in train_docs], s.vocab_size)
+    train = TokenStream.from_documents(train_docs, tokenizer, "training data")
+    val = TokenStream.from_documents(val_docs, tokenizer, "validation data")
+    if console is not None:
+        console.print(f"corpus: {len(train_docs):,} training documents ({len(train):,} tokens), "
+                      f"{len(val_docs):,} validation ({len(val):,} tokens); tokenizer {s.vocab_size} "
+                      f"({'cached' if hit else 'trained'})")
+    return train, val, tokenizer
+
+
+def base_config(s: DemoSettings, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
+                     max_seq_len=s.seq_len, d_ff=s.d_ff)
+
+
+EXPERIMENTS = {"dselect": ("DSelect-k in multi-task learning", "dselect", "dselect.png"),
+               "dsmoe": ("DSMoE: sigmoid gates with STE", "dsmoe", "dsmoe.png"),
+               "dynamic-k": ("DA-MoE: dynamic K from importance", "dynamic_k", "dynamic_k.png")}
+
+
+COMMITTED_EXPERIMENTS = Path("docs/experiments")  # the latest results, kept in the repository
+
+
+def experiment_sections(experiments_dir: str | os.PathLike | None, out: Path) -> list[str]:
+    """Markdown of each experiment's results, from ``experiments_dir`` or else the repository's
+    ``docs/experiments``; figures are copied next to the report."""
+    import importlib
+    import shutil
+
+    if experiments_dir is None:
+        return []
+    lines = []
+    for name, (title, module, png) in EXPERIMENTS.items():
+        res = Path(experiments_dir) / name / "results.json"
+        if not res.exists():
+            res = COMMITTED_EXPERIMENTS / name / "results.json"
+        if not res.exists():
+            continue
+        result = json.loads(res.read_text())
+        mod = importlib.import_module(f".experiments.{module}", __package__)
+        lines += [f"### {title}", "", f"`moekit experiment {name}` ({result['wall_s']:.0f} s; results from {res}).", "",
+                  mod.report_markdown(result), ""]
+        if (res.parent / png).exists():
+            (out / "experiments").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(res.parent / png, out / "experiments" / png)
+            lines += [f"![{name}](experiments/{png})", ""]
+    return lines
+
+
 def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes: float | None = None,
              data: str | None = None, seed: int = 0, variants: list[str] | None = None,
-             progress: bool = True) -> dict:
-    """Train every variant, measure them, write ``report.md``, figures and ``results.json`` to ``out``."""
+             progress: bool = True, experiments_dir: str | os.PathLike | None = "runs/experiments") -> dict:
+    """Train every variant, measure them, write ``report.md``, figures and ``results.json`` to ``out``.
+
+    The results of ``moekit experiment ...`` found under ``experiments_dir`` are added to the report.
+    """
     from rich.console import Console
 
     console = Console(quiet=not progress)
@@ -127,23 +188,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
     torch.manual_seed(seed)
 
     console.rule("moekit demo")
-    docs = load_corpus(data)
-    splits = by_split(docs)
-    train_docs = splits["train"]
-    if s.max_train_docs and len(train_docs) > s.max_train_docs:  # an even sample across languages and topics
-        train_docs = train_docs[:: math.ceil(len(train_docs) / s.max_train_docs)]
-    val_docs = splits["validation"]
-    if not val_docs:
-        raise ValueError("demo: the corpus has no validation documents; give more text")
-    tokenizer, hit = train_tokenizer([d.text for d in train_docs], s.vocab_size)
-    train = TokenStream.from_documents(train_docs, tokenizer, "training data")
-    val = TokenStream.from_documents(val_docs, tokenizer, "validation data")
-    console.print(f"corpus: {len(train_docs):,} training documents ({len(train):,} tokens), "
-                  f"{len(val_docs):,} validation ({len(val):,} tokens); tokenizer {s.vocab_size} "
-                  f"({'cached' if hit else 'trained'})")
-
-    base = GPTConfig(vocab_size=tokenizer.get_vocab_size(), d_model=s.d_model, n_layers=s.n_layers,
-                     n_heads=s.n_heads, max_seq_len=s.seq_len, d_ff=s.d_ff)
+    train, val, tokenizer = prepare_corpus(s, data, console)
+    base = base_config(s, tokenizer.get_vocab_size())
     all_variants = default_variants(base)
     if variants:
         unknown = sorted(set(variants) - {v.name for v in all_variants})
@@ -217,7 +263,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
         "wall_s": time.perf_counter() - t_start,
     }
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "report.md", render_report(summary))
+    atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out)))
     console.print(f"report: {out / 'report.md'} ({summary['wall_s']:.0f} s)")
     return summary
 
@@ -237,7 +283,7 @@ def results_table(results: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
-def render_report(summary: dict) -> str:
+def render_report(summary: dict, experiments: list[str] | None = None) -> str:
     s, results = summary["settings"], summary["results"]
     topics = sorted({t for r in results for t in r["ppl_by_topic"]})
     topic_rows = [[t, *[f"{r['ppl_by_topic'].get(t, math.nan):.2f}" for r in results]] for t in topics]
@@ -274,4 +320,6 @@ def render_report(summary: dict) -> str:
         *[f"![{k}]({v})" for k, v in figs.items()],
         "",
     ]
+    if experiments:
+        lines += ["## Experiments against the papers", "", *experiments]
     return "\n".join(lines)

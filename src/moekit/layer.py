@@ -137,10 +137,15 @@ class MoE(nn.Module):
 
 
 def _routed_modules(model: nn.Module):
+    """``(name, module, routing)`` for every module whose ``last_routing`` is a Routing or a list of them."""
     for name, m in model.named_modules():
         r = getattr(m, "last_routing", None)
         if isinstance(r, Routing):
             yield name, m, r
+        elif isinstance(r, (list, tuple)):
+            for i, ri in enumerate(r):
+                if isinstance(ri, Routing):
+                    yield f"{name}[{i}]" if name else f"[{i}]", m, ri
 
 
 def aux_loss(model: nn.Module) -> Tensor:
@@ -162,7 +167,7 @@ class RoutingStats:
     num_tokens: int
     tokens_per_expert: list[int]
     dropped_fraction: float
-    mean_experts_per_token: float
+    mean_experts_per_token: float  # assignments with a non-zero weight per token
     router_entropy: float | None  # mean entropy (nats) of the router's softmax, if it has logits
     dead_experts: list[int]  # experts that received no token
     load_imbalance: float  # max / mean assignments per expert (1.0 = perfectly balanced)
@@ -176,7 +181,8 @@ def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
     """Per MoE layer (keyed by module name): load, drops, experts per token, entropy, dead experts."""
     out: dict[str, RoutingStats] = {}
     for name, _, r in _routed_modules(model):
-        counts = r.counts().tolist()
+        used = r.weight.detach() != 0  # assignments computed only for a gradient (e.g. STE) do not count
+        counts = torch.bincount(r.expert[used], minlength=r.num_experts).tolist()
         n = sum(counts)
         requested = r.requested if r.requested is not None else n + r.dropped
         mean = n / max(len(counts), 1)

@@ -1,9 +1,12 @@
 """A small Llama-style causal LM whose FFN slot takes a dense FFN or any ``moekit.MoE``, per layer.
 
 RMSNorm, rotary position embeddings, causal attention through ``F.scaled_dot_product_attention``,
-SwiGLU FFNs, tied input/output embeddings by default. Attention can also report, per token, the
-attention mass it received (for routers that use token importance); that path is taken only in
-layers whose router asks for ``importance``, so the default path stays SDPA.
+SwiGLU FFNs, tied input/output embeddings by default. Attention can also report a per-token
+importance for routers that ask for it (``context_keys`` containing ``"importance"``); only those
+layers leave the SDPA path. In a causal LM the attention a token receives from later tokens is
+not known when the token is computed (using it would leak the future into the routing), so the
+importance is the attention the token received from the queries that exist so far — itself — as
+a multiple of uniform attention: ``(t + 1) * mean_heads P[t, t]``.
 
 Shape legend: ``B`` batch, ``T`` time, ``D`` model width, ``H`` heads, ``K`` head width, ``V`` vocab.
 """
@@ -131,9 +134,10 @@ class Attention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             p_BHTS = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             y = p_BHTS @ v
-            # mean attention received per key, over heads and over the queries that can see it
-            seen_by = mask.sum(0).clamp_min(1) if mask is not None else torch.ones(S, device=x_BTD.device)
-            importance = (p_BHTS.sum(dim=2).mean(dim=1) / seen_by)[:, -T:]  # [B, T] for the new tokens
+            # Causal importance: of the queries that have seen token t so far only t itself exists, so
+            # we use the attention t pays to itself, relative to uniform attention over its t + 1 keys.
+            own = p_BHTS.diagonal(offset=S - T, dim1=-2, dim2=-1).mean(dim=1)  # [B, T]
+            importance = own * torch.arange(S - T + 1, S + 1, device=x_BTD.device, dtype=own.dtype)
         elif mask is None or offset == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)
         else:

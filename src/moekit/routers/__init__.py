@@ -2,7 +2,11 @@
 
 from ..routing import LinearRouter, Router
 from ._registry import available_routers, build_router, register_router
+from .dselect import DSelectK
+from .dynamic_k import DynamicK
 from .expert_choice import ExpertChoice
+from .sigmoid_ste import SigmoidSTE
+from .softmax import Softmax
 from .topk import TopK
 
 __all__ = [
@@ -10,6 +14,10 @@ __all__ = [
     "LinearRouter",
     "TopK",
     "ExpertChoice",
+    "Softmax",
+    "DSelectK",
+    "SigmoidSTE",
+    "DynamicK",
     "available_routers",
     "build_router",
     "register_router",
