@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moekit-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo demo-quick bench lint clean
+.PHONY: test demo demo-quick bench experiments lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/moekit bench layer --out runs/bench/layer.json
+
+# the experiments behind the seed routers (about 3-5 minutes each); `make demo` reports their results
+experiments: $(STAMP)
+	$(VENV)/bin/moekit experiment dselect
+	$(VENV)/bin/moekit experiment dsmoe
+	$(VENV)/bin/moekit experiment dynamic-k
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

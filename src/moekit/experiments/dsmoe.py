@@ -1,12 +1,13 @@
 """`moekit experiment dsmoe`: DSMoE's sigmoid gates with the straight-through estimator, against the
 no-STE ablation and a top-k softmax router at equal mean active experts, in the demo's GPT.
 
-Every variant cuts the FFN into 8 experts of ``d_ff / 8`` (the DSMoE partition: with every expert
-on it has the dense FFN's width). DSMoE (tau 0.5, sparsity coefficient 1/L as in the paper's
-layer average) runs first; the top-k router then gets ``k = round(DSMoE's mean active experts)``.
-Paper (Table 3, LLaMA-1B): training without the STE is far worse, PPL 12.75 vs 7.41, with experts
-that never recover. Here the models are trained from scratch for a few minutes, not converted
-from a pre-trained model (that is `moekit convert`).
+As in the paper, a pre-trained dense model is cut into experts and trained on: the demo's dense
+GPT is pre-trained once, every FFN is partitioned into 8 contiguous blocks (with every expert on
+this is the dense model exactly), and each variant continues training for the same steps on the
+same batches. DSMoE (tau 0.5, sparsity coefficient 1/L: the paper's average over layers) runs
+first; the top-k softmax router (LLaMA-MoE style) then gets ``k = round(DSMoE's mean active
+experts)``. The dense model trained on for the same steps is the reference. Paper (Table 3,
+LLaMA-1B): training without the STE is far worse, PPL 12.75 vs 7.41, with experts that never recover.
 """
 
 from __future__ import annotations
@@ -17,10 +18,24 @@ import statistics
 import time
 from pathlib import Path
 
-from ..io import atomic_write_text
-from ._lm import base_config, corpus, experts_per_token, settings, train_lm, with_router
+import torch
 
-PAPER = {"DSMoE (STE)": 7.41, "no-STE ablation": 12.75, "top-k softmax": None}
+from ..convert.partition import partition_gpt
+from ..io import atomic_write_text
+from ..models import GPT
+from ..train import TrainConfig, Trainer, evaluate
+from ._lm import base_config, corpus, experts_per_token, settings
+
+PAPER = {"DSMoE (STE)": 7.41, "no-STE ablation": 12.75, "top-k softmax": None, "dense (trained on)": None}
+E = 8
+
+
+def _train(model, train, val, s, steps, lr, seed, eval_chunks, name):
+    cfg = TrainConfig(steps=steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=lr, seed=seed,
+                      warmup_steps=max(1, steps // 20), log_every=5)
+    trainer = Trainer(model, train, None, cfg, name=name)
+    history = trainer.train()
+    return history, evaluate(model, val, s.seq_len, 32, eval_chunks)
 
 
 def run(out: str | os.PathLike = "runs/experiments/dsmoe", seeds: int = 2, quick: bool = False) -> dict:
@@ -29,29 +44,33 @@ def run(out: str | os.PathLike = "runs/experiments/dsmoe", seeds: int = 2, quick
 
     console = Console()
     t0 = time.perf_counter()
-    s, steps = settings(quick)
+    s, _ = settings(quick)
+    pre_steps, ft_steps, ft_lr = (30, 20, 3e-4) if quick else (300, 150, 3e-4)
     train, val, tok = corpus(quick, console)
-    base = base_config(s, tok.get_vocab_size())
-    E, width = 8, s.d_ff // 8
     eval_chunks = 64 if quick else 256
+    torch.manual_seed(0)
+    dense = GPT(base_config(s, tok.get_vocab_size()))
+    _, pre_ev = _train(dense, train, val, s, pre_steps, s.lr, 1000, eval_chunks, "pre-train dense")
+    console.print(f"pre-trained dense: val ppl {pre_ev.ppl:.2f}")
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    sparsity = 1.0 / s.n_layers
     runs = []
     for seed in range(seeds):
-        sparsity = 1.0 / s.n_layers
-        for name, router, args in (("DSMoE (STE)", "sigmoid_ste", {"sparsity": sparsity}),
-                                   ("no-STE ablation", "sigmoid_ste", {"sparsity": sparsity, "ste": False})):
-            model, hist, ev = train_lm(with_router(base, E, width, router, args), train, val, s, steps, seed,
-                                       eval_chunks, name=f"{name} s{seed}")
-            layers = experts_per_token(model, val, s)
+        variants = [("DSMoE (STE)", "sigmoid_ste", {"sparsity": sparsity}),
+                    ("no-STE ablation", "sigmoid_ste", {"sparsity": sparsity, "ste": False})]
+        for name, router, args in variants + [("top-k softmax", "topk", None), ("dense (trained on)", None, None)]:
+            torch.manual_seed(seed)
+            dense.load_state_dict(state)
+            if router == "topk":
+                k = max(1, round(next(r["mean_active"] for r in runs if r["variant"] == "DSMoE (STE)" and r["seed"] == seed)))
+                args = {"k": k, "renormalize": k > 1}  # top-1 needs the raw probability to train its router
+            model = dense if router is None else partition_gpt(dense, E, router, args)
+            hist, ev = _train(model, train, val, s, ft_steps, ft_lr, seed, eval_chunks, f"{name} s{seed}")
+            layers = experts_per_token(model, val, s) if router else []
             runs.append({"variant": name, "seed": seed, "val_ppl": ev.ppl, "layers": layers,
-                         "mean_active": statistics.mean(ly["mean_experts"] for ly in layers),
-                         "dead": sum(ly["dead_experts"] for ly in layers), "history": hist})
-        k = max(1, round(next(r["mean_active"] for r in runs if r["variant"] == "DSMoE (STE)" and r["seed"] == seed)))
-        model, hist, ev = train_lm(with_router(base, E, width, "topk", {"k": k}), train, val, s, steps, seed,
-                                   eval_chunks, name=f"top-{k} s{seed}")
-        layers = experts_per_token(model, val, s)
-        runs.append({"variant": "top-k softmax", "k": k, "seed": seed, "val_ppl": ev.ppl, "layers": layers,
-                     "mean_active": statistics.mean(ly["mean_experts"] for ly in layers),
-                     "dead": sum(ly["dead_experts"] for ly in layers), "history": hist})
+                         "k": (args or {}).get("k"), "history": hist,
+                         "mean_active": statistics.mean(ly["mean_experts"] for ly in layers) if layers else float(E),
+                         "dead": sum(ly["dead_experts"] for ly in layers)})
     summary = []
     for variant in PAPER:
         rs = [r for r in runs if r["variant"] == variant]
@@ -59,19 +78,19 @@ def run(out: str | os.PathLike = "runs/experiments/dsmoe", seeds: int = 2, quick
             "variant": variant, "val_ppl": statistics.mean(r["val_ppl"] for r in rs),
             "val_ppl_sd": statistics.pstdev([r["val_ppl"] for r in rs]),
             "mean_active": statistics.mean(r["mean_active"] for r in rs),
-            "dead_experts": statistics.mean(r["dead"] for r in rs), "paper_ppl": PAPER[variant],
-            "k": rs[0].get("k"),
+            "dead_experts": statistics.mean(r["dead"] for r in rs), "paper_ppl": PAPER[variant], "k": rs[0]["k"],
         })
-    table = Table(title=f"DSMoE vs no-STE vs top-k ({steps} steps x {s.batch_size * s.seq_len} tokens, "
-                        f"{seeds} seeds, 8 experts of d_ff {width})")
-    for col in ("variant", "val ppl", "mean active experts / token", "dead experts (all layers)", "paper PPL (1B)"):
+    table = Table(title=f"DSMoE vs no-STE vs top-k: dense pre-trained {pre_steps} steps (val ppl {pre_ev.ppl:.1f}), "
+                        f"then {ft_steps} steps each, {seeds} seeds, 8 experts of d_ff {s.d_ff // E}")
+    for col in ("variant", "val ppl", "active experts / token (of 8)", "dead experts (all layers)", "paper PPL (1B)"):
         table.add_column(col)
     for row in summary:
         label = row["variant"] + (f" (k={row['k']})" if row["k"] else "")
         table.add_row(label, f"{row['val_ppl']:.2f} ± {row['val_ppl_sd']:.2f}", f"{row['mean_active']:.2f}",
                       f"{row['dead_experts']:.1f}", "—" if row["paper_ppl"] is None else f"{row['paper_ppl']}")
     console.print(table)
-    result = {"experiment": "dsmoe", "seeds": seeds, "steps": steps, "summary": summary, "runs": runs,
+    result = {"experiment": "dsmoe", "seeds": seeds, "steps": ft_steps, "pretrain_steps": pre_steps,
+              "pretrained_ppl": pre_ev.ppl, "finetune_lr": ft_lr, "summary": summary, "runs": runs,
               "wall_s": time.perf_counter() - t0}
     out = Path(out)
     atomic_write_text(out / "results.json", json.dumps(result, indent=1))
@@ -85,7 +104,7 @@ def plot(runs: list[dict], path) -> None:
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    variants = list(PAPER)
+    variants = [v for v in PAPER if v != "dense (trained on)"]
     for i, v in enumerate(variants):
         rs = [r for r in runs if r["variant"] == v]
         if not rs:
@@ -115,8 +134,9 @@ def report_markdown(result: dict) -> str:
              f"{r['mean_active']:.2f}", f"{r['dead_experts']:.1f}",
              "—" if r["paper_ppl"] is None else str(r["paper_ppl"])] for r in result["summary"]]
     return "\n".join([
-        f"The demo's GPT with 8 experts of d_ff/8, {result['steps']} steps, {result['seeds']} seeds, trained from "
-        "scratch. Paper (LLaMA-1B, Table 3): no-STE PPL 12.75 vs DSMoE 7.41.",
+        f"The demo's dense GPT pre-trained {result['pretrain_steps']} steps (val ppl {result['pretrained_ppl']:.1f}), "
+        f"cut into 8 experts of d_ff/8 per layer, then {result['steps']} more steps per variant, {result['seeds']} "
+        "seeds. Paper (LLaMA-1B, Table 3): no-STE PPL 12.75 vs DSMoE 7.41.",
         "",
         markdown_table(["variant", "val ppl", "active experts / token", "dead experts", "paper PPL"], rows),
     ])
