@@ -9,7 +9,7 @@ from moekit.demo import run_demo
 def test_quick_demo_writes_report_and_figures(tmp_path):
     summary = run_demo(out=tmp_path, quick=True, minutes=0.05, progress=False)
     names = {r["variant"] for r in summary["results"]}
-    assert {"dense", "moe-top2"} <= names
+    assert {"dense", "moe-top2", "mole"} <= names
     report = (tmp_path / "report.md").read_text()
     assert "| dense |" in report and "| moe-top2 |" in report and "ppl fr" in report
     for fig in ("loss_curves.png", "tradeoffs.png", "expert_load_language.png", "expert_load_topic.png"):
@@ -22,6 +22,10 @@ def test_quick_demo_writes_report_and_figures(tmp_path):
     assert abs(moe["params_active"] - dense["params_active"]) / dense["params_active"] < 0.05  # equal active
     assert set(moe["ppl_by_language"]) == {"en", "fr", "es"} and moe["load_imbalance"] >= 1.0
     assert (tmp_path / "variants" / "moe-top2" / "model" / "model.safetensors").exists()
+    mole = next(r for r in results["results"] if r["variant"] == "mole")
+    assert mole["resident_mb"] < moe["resident_mb"] and mole["offloaded_mb"] > 0
+    assert set(mole["mole_tables"]) == {"float16", "int8", "nf4"}
+    assert "MoLE lookup tables" in report
 
 
 def test_demo_rejects_unknown_variant(tmp_path):

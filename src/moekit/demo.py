@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,30 @@ class Variant:
     name: str
     config: GPTConfig
     description: str
+    #: turns the trained model into the one that is served (e.g. MoLE's lookup tables), given a folder
+    serve: Callable[[GPT, Path], GPT] | None = None
+    #: extra measurements of the trained model: (model, folder, perplexity of a model) -> results
+    measure: Callable[[GPT, Path, Callable[[GPT], float]], dict] | None = None
+
+
+def _serve_mole(model: GPT, folder: Path) -> GPT:
+    from .mole import reparameterize
+
+    return reparameterize(model, folder / "mole_table", dtype=torch.float16, progress=False)
+
+
+def _mole_tables(model: GPT, folder: Path, ppl: Callable[[GPT], float]) -> dict:
+    """Validation perplexity and size of MoLE's table in fp16 and post-training quantized."""
+    from .mole import reparameterize
+
+    out = {}
+    for kind in (torch.float16, "int8", "nf4"):
+        served = reparameterize(model, folder / f"mole_table_{str(kind).removeprefix('torch.')}", dtype=kind,
+                                progress=False)
+        table = served.blocks[0].ffn.table
+        out[table.kind] = {"val_ppl": ppl(served), "mb": table.manifest["bytes"] / 2**20,
+                           "bytes_per_token": table.bytes_per_token}
+    return {"mole_tables": out}
 
 
 @dataclass
@@ -63,6 +88,10 @@ def default_variants(base: GPTConfig) -> list[Variant]:
         Variant("dense", base, f"dense SwiGLU FFN, d_ff={base.d_ff}"),
         Variant("moe-top2", base.with_moe(num_experts=8, k=2),
                 f"top-2 of 8 SwiGLU experts of d_ff={base.d_ff // 2} (TopK, balance 0.01, z-loss 0.001)"),
+        Variant("mole", replace(base, ffn=[{"kind": "mole", "num_experts": 4, "d_ff": base.d_ff}] * base.n_layers),
+                f"MoLE: the dense SwiGLU FFN as shared expert + 4 GELU experts of d_ff={base.d_ff} on the token "
+                "embedding, served from an fp16 lookup table on disk (inference computes no expert)",
+                serve=_serve_mole, measure=_mole_tables),
     ]
 
 
@@ -222,15 +251,25 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
         history = trainer.train()
         train_s = time.perf_counter() - t0
         histories[v.name] = history
+        model.save(out / "variants" / v.name / "model")
+        params_total, extra = model.num_params(), {}
+        if v.measure is not None:
+            extra.update(v.measure(model, out / "variants" / v.name,
+                                   lambda m: evaluate(m, val, s.seq_len, 32, s.eval_chunks).ppl))
+        if v.serve is not None:  # measure what is served
+            extra["val_ppl_train_form"] = evaluate(model, val, s.seq_len, 32, s.eval_chunks).ppl
+            model = v.serve(model, out / "variants" / v.name)
+            tables = {id(b.ffn.table): b.ffn.table for b in model.blocks if hasattr(b.ffn, "table")}
+            extra["offloaded_mb"] = sum(t.manifest["bytes"] for t in tables.values()) / 2**20
         ev = evaluate(model, val, s.seq_len, 32, s.eval_chunks, label_fields=("language", "topic_en"))
         speed = measure_speed(model, base.vocab_size, s.seq_len)
-        model.save(out / "variants" / v.name / "model")
         row = {
             "variant": v.name,
             "description": v.description,
-            "params_total": model.num_params(),
+            "params_total": params_total,
             "params_active": model.active_params(),
             "resident_mb": model.param_bytes() / 2**20,
+            **extra,
             "val_loss": ev.loss,
             "val_ppl": ev.ppl,
             "ppl_by_language": ev.per_label["language"],
@@ -270,17 +309,26 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
 
 def results_table(results: list[dict]) -> str:
     langs = sorted({lang for r in results for lang in r["ppl_by_language"]})
-    header = ["variant", "params (total / active)", "resident MB", "val ppl", *[f"ppl {lang}" for lang in langs],
+    header = ["variant", "params (total / active)", "resident MB", "on disk MB", "val ppl", *[f"ppl {lang}" for lang in langs],
               "prefill tok/s", "decode tok/s", "expert load max/mean"]
     rows = []
     for r in results:
         rows.append([
             r["variant"], f"{r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M", f"{r['resident_mb']:.1f}",
-            f"{r['val_ppl']:.2f}", *[f"{r['ppl_by_language'].get(lang, math.nan):.2f}" for lang in langs],
+            f"{r['offloaded_mb']:.1f}" if "offloaded_mb" in r else "—", f"{r['val_ppl']:.2f}", *[f"{r['ppl_by_language'].get(lang, math.nan):.2f}" for lang in langs],
             f"{r['prefill_tok_s']:,.0f}", f"{r['decode_tok_s']:,.0f}",
             "—" if r["load_imbalance"] is None else f"{r['load_imbalance']:.2f}",
         ])
     return markdown_table(header, rows)
+
+
+def mole_section(results: list[dict]) -> list[str]:
+    rows = [[kind, f"{t['mb']:.2f}", f"{t['bytes_per_token']:,}", f"{t['val_ppl']:.2f}"]
+            for r in results for kind, t in r.get("mole_tables", {}).items()]
+    if not rows:
+        return []
+    return ["MoLE lookup tables, quantized after training (paper: NF4 keeps fp16 quality at about 25% of the size):",
+            "", markdown_table(["table", "size MB", "bytes read per new token", "val ppl"], rows), ""]
 
 
 def render_report(summary: dict, experiments: list[str] | None = None) -> str:
@@ -305,9 +353,14 @@ def render_report(summary: dict, experiments: list[str] | None = None) -> str:
         "",
         "Perplexities are per token of the validation split (articles never seen in training). Speeds are",
         "fp32 on this CPU: prefill is a batch of 8 full sequences, decode is greedy generation at batch 1",
-        "with a KV cache. Resident MB counts every parameter held in memory. Expert load is the busiest",
-        "expert's share over the mean share, averaged over MoE layers (1.00 is perfectly balanced).",
+        "with a KV cache. Resident MB counts every parameter held in memory; on disk MB what is read from",
+        "disk on demand (MoLE's lookup tables). Expert load is the busiest expert's share over the mean",
+        "share, averaged over MoE layers (1.00 is perfectly balanced). Variants that are served in another",
+        "form than they are trained in are measured as served:",
+        *[f"- {r['variant']}: validation perplexity {r['val_ppl_train_form']:.2f} in training form, "
+          f"{r['val_ppl']:.2f} as served" for r in results if "val_ppl_train_form" in r],
         "",
+        *mole_section(results),
         "Variants:",
         *[f"- **{r['variant']}**: {r['description']}" for r in results],
         "",

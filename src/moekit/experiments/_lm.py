@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
-
 import torch
 
 from ..demo import FULL, QUICK, DemoSettings, base_config, prepare_corpus
@@ -62,9 +59,4 @@ def with_router(base: GPTConfig, num_experts: int, d_ff: int, router: str, route
     return base.with_moe(num_experts=num_experts, d_ff=d_ff, router=router, router_args=router_args)
 
 
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else math.nan
-
-
-__all__ = ["settings", "corpus", "train_lm", "experts_per_token", "with_router", "base_config", "replace", "mean"]
+__all__ = ["settings", "corpus", "train_lm", "experts_per_token", "with_router", "base_config"]

@@ -154,7 +154,13 @@ def build_ffn(cfg: GPTConfig, spec: dict) -> nn.Module:
         return MoE(cfg.d_model, spec.get("d_ff", cfg.d_ff), spec.get("num_experts", 8), router=router,
                    activation=spec.get("activation", "swiglu"), shared_d_ff=spec.get("shared_d_ff"),
                    check_finite=spec.get("check_finite", False))
-    raise ValueError(f"GPTConfig.ffn: unknown kind {kind!r}; valid kinds are ['dense', 'moe']")
+    if kind == "mole":
+        from ..mole import MoLE
+
+        return MoLE(cfg.d_model, spec.get("shared_d_ff", cfg.d_ff), spec.get("num_experts", 4),
+                    spec.get("d_ff", cfg.d_ff), spec.get("activation", "swiglu"),
+                    spec.get("expert_activation", "gelu"), cfg.norm_eps)
+    raise ValueError(f"GPTConfig.ffn: unknown kind {kind!r}; valid kinds are ['dense', 'moe', 'mole']")
 
 
 class Block(nn.Module):
@@ -164,18 +170,24 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = build_ffn(cfg, cfg.layer_ffn(i))
-        gate = getattr(self.ffn, "gate", None)
-        self.context_keys = tuple(gate.context_keys) if isinstance(gate, Router) else ()
 
-    def forward(self, x: Tensor, rope: Rotary, token_ids: Tensor, cache: dict | None = None) -> Tensor:
-        a, importance = self.attn(self.attn_norm(x), rope, cache, want_importance="importance" in self.context_keys)
+    @property
+    def context_keys(self) -> tuple[str, ...]:
+        """What the FFN slot asks of the model: its own ``context_keys`` or its router's."""
+        gate = getattr(self.ffn, "gate", None)
+        return tuple(getattr(self.ffn, "context_keys", gate.context_keys if isinstance(gate, Router) else ()))
+
+    def forward(self, x: Tensor, rope: Rotary, token_ids: Tensor, embeddings: Tensor,
+                cache: dict | None = None) -> Tensor:
+        keys = self.context_keys
+        a, importance = self.attn(self.attn_norm(x), rope, cache, want_importance="importance" in keys)
         x = x + a
         h = self.ffn_norm(x)
-        if self.context_keys:
-            context = {"token_ids": token_ids.reshape(-1)}
+        if keys:
+            context = {"token_ids": token_ids.reshape(-1), "embeddings": embeddings}
             if importance is not None:
                 context["importance"] = importance.reshape(-1)
-            return x + self.ffn(h, **{k: v for k, v in context.items() if k in self.context_keys})
+            return x + self.ffn(h, **{k: v for k, v in context.items() if k in keys})
         return x + self.ffn(h)
 
 
@@ -211,9 +223,9 @@ class GPT(nn.Module):
                 f"GPT: token ids must lie in [0, {self.config.vocab_size}), got range "
                 f"[{int(ids_BT.min())}, {int(ids_BT.max())}]; is the tokenizer the one this model was built for?"
             )
-        x = self.embed(ids_BT)
+        x = emb = self.embed(ids_BT)
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope, ids_BT, None if caches is None else caches[i])
+            x = block(x, self.rope, ids_BT, emb, None if caches is None else caches[i])
         return self.head(self.norm(x))
 
     def loss(self, ids_BT: Tensor, targets_BT: Tensor) -> Tensor:

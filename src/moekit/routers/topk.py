@@ -51,7 +51,9 @@ class TopK(LinearRouter):
     Args:
         k: experts per token.
         renormalize: rescale the k chosen probabilities to sum to one (Mixtral, OLMoE);
-            ``False`` keeps the raw softmax values (Qwen2-MoE).
+            ``False`` keeps the raw softmax values (Qwen2-MoE). With ``k=1`` renormalising makes
+            every weight 1, so the router learns only from the auxiliary losses: use ``False``
+            (Switch Transformer) for top-1.
         capacity_factor: ``None`` is dropless. Otherwise each expert takes at most
             ``ceil(capacity_factor * T * k / E)`` assignments, in token order; the rest are dropped
             and counted in ``Routing.dropped``.

@@ -1,0 +1,280 @@
+"""MoLE — Mixture of Lookup Experts (Jie et al., ICML 2025).
+
+Train form (papers.md §3.2, exactly as the official code): in layer ``l`` the routed experts read
+the token's *raw embedding* through a per-layer RMSNorm, all ``N`` experts are active with a softmax
+router (fp32) on the context hidden state, and a shared FFN runs on the hidden state:
+``out = shared(u) + sum_j softmax(W_r u)_j * FFN_j(RMSNorm_l(E[id]))``; no auxiliary loss. Because an
+expert's input depends only on the token id, each expert runs once per *unique* id in the batch and
+the results are gathered (mathematically identical, much cheaper).
+
+Re-parameterisation (§3.3): after training, ``FFN_j(RMSNorm_l(E[v]))`` is computed for every token
+``v`` of the vocabulary and stored on disk as a table ``[V, L, N, D]`` (one token's rows for all
+layers are contiguous, so a new token costs one read), with a manifest and a hash of the weights it
+came from. The inference form computes no expert: it reads the rows of the batch's unique ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .dispatch import Segments
+from .experts import GroupedExperts
+from .io import atomic_write, atomic_write_text
+from .layer import FFN
+
+MANIFEST = "manifest.json"
+TABLE = "table.bin"
+TABLE_FORMAT = 1
+_DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+QUANTIZED = ("int8", "nf4")
+
+# The 16 NormalFloat-4 levels of QLoRA (Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+
+
+def _record_bytes(kind: str, L: int, N: int, D: int, block: int) -> int:
+    """Bytes of one token's rows (all layers and experts) in a quantized table."""
+    if kind == "int8":
+        return L * N * D + L * N * 2  # int8 values + one fp16 absmax scale per row
+    return L * N * D // 2 + L * N * (D // block) * 2  # packed 4-bit codes + one fp16 scale per block
+
+
+def quantize(x: Tensor, kind: str, block: int = 64) -> np.ndarray:
+    """``x [b, L, N, D]`` fp32 -> ``[b, record_bytes]`` uint8 (values, then fp16 scales)."""
+    b = x.shape[0]
+    if kind == "int8":
+        scale = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+        q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+        parts = [q.reshape(b, -1).numpy().view(np.uint8), scale.to(torch.float16).reshape(b, -1).numpy().view(np.uint8)]
+    else:
+        xb = x.reshape(*x.shape[:-1], -1, block)  # [b, L, N, D/block, block]
+        scale = xb.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+        code = torch.bucketize((xb / scale).contiguous(), mids).to(torch.uint8).reshape(b, -1)
+        packed = (code[:, 0::2] << 4) | code[:, 1::2]
+        parts = [packed.numpy(), scale.to(torch.float16).reshape(b, -1).numpy().view(np.uint8)]
+    return np.concatenate(parts, axis=1)
+
+
+def dequantize(rec: np.ndarray, kind: str, shape: tuple[int, int, int], block: int = 64) -> Tensor:
+    """Inverse of :func:`quantize`: ``[U, record_bytes]`` -> ``[U, L, N, D]`` fp32."""
+    L, N, D = shape
+    U = rec.shape[0]
+    rec = torch.from_numpy(np.ascontiguousarray(rec))
+    if kind == "int8":
+        q = rec[:, : L * N * D].view(torch.int8).float().view(U, L, N, D)
+        scale = rec[:, L * N * D :].contiguous().view(torch.float16).float().view(U, L, N, 1)
+        return q * scale
+    n = L * N * D // 2
+    packed = rec[:, :n]
+    code = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(U, L, N, D // block, block).long()
+    scale = rec[:, n:].contiguous().view(torch.float16).float().view(U, L, N, D // block, 1)
+    return (NF4_LEVELS[code] * scale).reshape(U, L, N, D)
+
+
+class MoLE(nn.Module):
+    """The MoLE FFN block, train form.
+
+    Args:
+        d_model: model width.
+        d_ff: width of the shared FFN (the dense model's FFN).
+        num_experts: routed experts ``N`` (all active).
+        expert_d_ff: width of each routed expert.
+        activation: the shared FFN's activation; ``expert_activation``: the experts' (the paper's
+            Pythia-style models use a plain GELU FFN).
+    """
+
+    context_keys = ("token_ids", "embeddings")
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, expert_d_ff: int | None = None,
+                 activation: str = "swiglu", expert_activation: str = "gelu", eps: float = 1e-5) -> None:
+        super().__init__()
+        self.d_model, self.num_experts = d_model, num_experts
+        self.shared = FFN(d_model, d_ff, activation)
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.expert_norm = nn.RMSNorm(d_model, eps=eps)
+        self.experts = GroupedExperts(num_experts, d_model, expert_d_ff or d_ff, expert_activation)
+
+    def gates(self, u_TD: Tensor) -> Tensor:
+        return torch.softmax(nn.functional.linear(u_TD.float(), self.router.weight.float()), dim=-1)
+
+    def expert_rows(self, emb_UD: Tensor) -> Tensor:
+        """``FFN_j(RMSNorm(e))`` for every row ``e`` and expert ``j``: ``[U, N, D]``."""
+        U, N = emb_UD.shape[0], self.num_experts
+        x = self.expert_norm(emb_UD).repeat(N, 1)  # expert-major: N segments of U rows
+        y = self.experts(x, Segments.from_counts(torch.full((N,), U, dtype=torch.long, device=x.device)))
+        return y.view(N, U, -1).transpose(0, 1)
+
+    def forward(self, u: Tensor, token_ids: Tensor | None = None, embeddings: Tensor | None = None) -> Tensor:
+        if token_ids is None or embeddings is None:
+            raise ValueError("MoLE needs token_ids and the raw token embeddings (moekit.models.GPT passes both)")
+        shape = u.shape
+        u_TD = u.reshape(-1, self.d_model)
+        ids = token_ids.reshape(-1)
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        first = torch.empty_like(uniq).scatter_(0, inv.flip(0), torch.arange(ids.numel() - 1, -1, -1, device=ids.device))
+        rows = self.expert_rows(embeddings.reshape(-1, self.d_model).index_select(0, first))  # [U, N, D]
+        routed = torch.einsum("tn,tnd->td", self.gates(u_TD).to(rows.dtype), rows.index_select(0, inv))
+        return (self.shared(u_TD) + routed).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------- the table on disk
+
+
+def _hash_sources(embedding: Tensor, layers: list[MoLE]) -> str:
+    h = hashlib.sha256()
+    tensors = [embedding] + [t for m in layers for t in (*m.expert_norm.parameters(), *m.experts.parameters())]
+    for t in tensors:
+        h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _mole_layers(model) -> list[MoLE]:
+    layers = [b.ffn for b in model.blocks if isinstance(b.ffn, MoLE)]
+    if not layers:
+        raise ValueError("reparameterize: the model has no MoLE layer (GPTConfig.ffn kind 'mole')")
+    if len(layers) != len(model.blocks):
+        raise ValueError("reparameterize: every layer must be MoLE (mixed models are not supported yet)")
+    return layers
+
+
+@torch.no_grad()
+def reparameterize(model, path: str | os.PathLike, dtype: torch.dtype | str = torch.float16, batch: int = 512,
+                   block: int = 64, progress: bool = True):
+    """Write every layer's lookup table to ``path`` and return the inference-form model.
+
+    The table is ``[V, L, N, D]``: ``torch.float16`` (the paper's default) or ``torch.float32``, or
+    quantized after training: ``"int8"`` (absmax per row) or ``"nf4"`` (QLoRA's NormalFloat-4 with an
+    absmax scale per ``block`` values). It is written atomically with a manifest (sizes, dtype,
+    layout and a hash of the embedding, expert norms and expert weights it came from). The returned
+    model is a copy whose MoLE blocks read rows from the table and compute no expert.
+    """
+    import copy
+
+    from rich.progress import Progress
+
+    name = dtype if dtype in QUANTIZED else {v[0]: k for k, v in _DTYPES.items()}.get(dtype)
+    if name is None:
+        valid = [str(v[0]) for v in _DTYPES.values()] + [repr(q) for q in QUANTIZED]
+        raise ValueError(f"reparameterize: dtype must be one of {valid}, got {dtype!r}")
+    layers = _mole_layers(model)
+    emb = model.embed.weight
+    V, D = emb.shape
+    L, N = len(layers), layers[0].num_experts
+    if name == "nf4" and D % block:
+        raise ValueError(f"reparameterize: nf4 block={block} must divide d_model={D}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f, Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("re-parameterising MoLE experts", total=V)
+            for start in range(0, V, batch):  # [V, L, N, D]: a block of tokens is contiguous for all layers
+                rows = emb[start : start + batch]
+                vals = torch.stack([m.expert_rows(rows) for m in layers], dim=1).float().cpu()  # [b, L, N, D]
+                if name in QUANTIZED:
+                    f.write(quantize(vals, name, block).tobytes())
+                else:
+                    f.write(vals.to(_DTYPES[name][0]).numpy().astype(np.dtype(_DTYPES[name][1]).newbyteorder("<")).tobytes())
+                bar.advance(task, rows.shape[0])
+
+    atomic_write(path / TABLE, write)
+    per_token = (_record_bytes(name, L, N, D, block) if name in QUANTIZED
+                 else L * N * D * np.dtype(_DTYPES[name][1]).itemsize)
+    manifest = {"format": TABLE_FORMAT, "layout": "V,L,N,D", "vocab_size": V, "n_layers": L, "num_experts": N,
+                "d_model": D, "dtype": name, "block": block if name == "nf4" else None,
+                "bytes_per_token": per_token, "bytes": V * per_token, "source_sha256": _hash_sources(emb, layers)}
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2))
+    inference = copy.deepcopy(model)
+    table = LookupTable(path, expect_hash=manifest["source_sha256"])
+    for i, block in enumerate(inference.blocks):
+        block.ffn = MoLELookup(block.ffn, table, i)
+    return inference
+
+
+class LookupTable:
+    """The on-disk table, memory-mapped; reads only the rows asked for, and counts the bytes read."""
+
+    def __init__(self, path: str | os.PathLike, expect_hash: str | None = None) -> None:
+        path = Path(path)
+        if not (path / MANIFEST).exists():
+            raise FileNotFoundError(f"{path / MANIFEST}: missing; was the table written by moekit.mole.reparameterize?")
+        m = json.loads((path / MANIFEST).read_text())
+        if m.get("format") != TABLE_FORMAT or m.get("layout") != "V,L,N,D" or m.get("dtype") not in (*_DTYPES, *QUANTIZED):
+            raise ValueError(f"{path}: unsupported table (format {m.get('format')}, dtype {m.get('dtype')})")
+        if expect_hash is not None and m["source_sha256"] != expect_hash:
+            raise ValueError(
+                f"{path}: the table was built for other weights (hash {m['source_sha256'][:12]} != model "
+                f"{expect_hash[:12]}); re-run moekit.mole.reparameterize on this model"
+            )
+        table = path / TABLE
+        size = table.stat().st_size if table.exists() else None
+        if size != m["bytes"]:
+            raise ValueError(f"{table}: {'missing' if size is None else f'{size} bytes'}, expected {m['bytes']} "
+                             "(truncated or incomplete); re-run moekit.mole.reparameterize")
+        self.manifest, self.path = m, path
+        self.shape = (m["vocab_size"], m["n_layers"], m["num_experts"], m["d_model"])
+        self.kind = m["dtype"]
+        if self.kind in QUANTIZED:
+            self.rows = np.memmap(table, dtype=np.uint8, mode="r", shape=(self.shape[0], m["bytes_per_token"]))
+        else:
+            np_dtype = np.dtype(_DTYPES[self.kind][1]).newbyteorder("<")
+            self.rows = np.memmap(table, dtype=np_dtype, mode="r", shape=self.shape)
+        self.bytes_per_token = m["bytes_per_token"]
+        self.bytes_read = 0
+        self._last: tuple[Tensor, Tensor] | None = None  # the rows of the current forward, shared by all layers
+
+    def read(self, ids: Tensor) -> Tensor:
+        """Rows ``[U, L, N, D]`` (fp32) of the given sorted unique token ids, read once per forward:
+        the layers after the first reuse them."""
+        if self._last is not None and torch.equal(self._last[0], ids):
+            return self._last[1]
+        idx = ids.cpu().numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise ValueError(f"lookup table: token ids must lie in [0, {self.shape[0]}), got [{idx.min()}, {idx.max()}]")
+        raw = self.rows[idx]
+        if self.kind in QUANTIZED:
+            rows = dequantize(raw, self.kind, self.shape[1:], self.manifest["block"] or 64)
+        else:
+            rows = torch.from_numpy(np.ascontiguousarray(raw)).float()
+        self.bytes_read += idx.size * self.bytes_per_token
+        self._last = (ids.clone(), rows)
+        return rows
+
+
+class MoLELookup(nn.Module):
+    """MoLE block, inference form: shared FFN + router + rows read from the lookup table."""
+
+    context_keys = ("token_ids",)
+
+    def __init__(self, trained: MoLE, table: LookupTable, layer: int) -> None:
+        super().__init__()
+        self.d_model, self.num_experts, self.layer = trained.d_model, trained.num_experts, layer
+        self.shared, self.router = trained.shared, trained.router
+        self.table = table
+
+    def gates(self, u_TD: Tensor) -> Tensor:
+        return torch.softmax(nn.functional.linear(u_TD.float(), self.router.weight.float()), dim=-1)
+
+    def forward(self, u: Tensor, token_ids: Tensor | None = None, **context) -> Tensor:
+        if token_ids is None:
+            raise ValueError("MoLELookup needs token_ids")
+        shape = u.shape
+        u_TD = u.reshape(-1, self.d_model)
+        uniq, inv = torch.unique(token_ids.reshape(-1), return_inverse=True)
+        rows = self.table.read(uniq)[:, self.layer].to(u_TD.dtype)  # [U, N, D]
+        routed = torch.einsum("tn,tnd->td", self.gates(u_TD).to(rows.dtype), rows.index_select(0, inv))
+        return (self.shared(u_TD) + routed).reshape(shape)
