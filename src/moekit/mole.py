@@ -125,8 +125,9 @@ class MoLE(nn.Module):
         u_TD = u.reshape(-1, self.d_model)
         ids = token_ids.reshape(-1)
         uniq, inv = torch.unique(ids, return_inverse=True)
-        first = torch.empty_like(uniq).scatter_(0, inv.flip(0), torch.arange(ids.numel() - 1, -1, -1, device=ids.device))
-        rows = self.expert_rows(embeddings.reshape(-1, self.d_model).index_select(0, first))  # [U, N, D]
+        # one position per unique id (any one will do: equal ids have equal embedding rows)
+        where = torch.zeros_like(uniq).scatter_(0, inv, torch.arange(ids.numel(), device=ids.device))
+        rows = self.expert_rows(embeddings.reshape(-1, self.d_model).index_select(0, where))  # [U, N, D]
         routed = torch.einsum("tn,tnd->td", self.gates(u_TD).to(rows.dtype), rows.index_select(0, inv))
         return (self.shared(u_TD) + routed).reshape(shape)
 
