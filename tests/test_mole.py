@@ -92,7 +92,7 @@ def test_token_id_outside_vocabulary_and_bad_dtype(tmp_path):
     model = _model(layers=1)
     inf = reparameterize(model, tmp_path / "t", progress=False)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
-        inf.blocks[0].ffn.table.read(torch.tensor([3, 300]))
+        inf.blocks[0].ffn.table.read(torch.tensor([3, 300]), 0)
     with pytest.raises(ValueError, match="dtype must be one of"):
         reparameterize(model, tmp_path / "u", dtype=torch.int8, progress=False)
     with pytest.raises(ValueError, match="no MoLE layer"):
@@ -143,3 +143,47 @@ def test_quantized_tables_size_and_quality(tmp_path):
     assert 0.25 <= sizes["nf4"] / sizes[torch.float16] <= 0.32  # paper: NF4 at about 25% of fp16
     with pytest.raises(ValueError, match="block=24 must divide d_model=32"):
         reparameterize(model, tmp_path / "bad", dtype="nf4", block=24, progress=False)
+
+
+def test_ram_row_cache_respects_its_budget(tmp_path):
+    model = _model()
+    reparameterize(model, tmp_path / "t", progress=False)
+    plain = LookupTable(tmp_path / "t")
+    n = plain.bytes_per_token
+    table = LookupTable(tmp_path / "t", cache_bytes=2 * n + n // 2)  # room for 2 whole rows
+    for ids, want_read in ([1, 2], 2), ([1], 0), ([3], 1), ([2], 1), ([1, 3], 1):
+        before = table.bytes_read
+        table._last = None  # a new forward
+        rows = table.read(torch.tensor(ids), 1)
+        plain._last = None
+        torch.testing.assert_close(rows, plain.read(torch.tensor(ids), 1))
+        assert table.bytes_read - before == want_read * n, ids
+        assert table.cached_bytes <= 2 * n + n // 2
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
+        LookupTable(tmp_path / "t", cache_bytes=-1)
+
+
+def test_load_served_from_checkpoint_and_table(tmp_path):
+    from moekit.mole import load_served
+
+    model = _model()
+    model.save(tmp_path / "ckpt")
+    served = reparameterize(model, tmp_path / "table", progress=False).eval()
+    loaded = load_served(tmp_path / "ckpt", tmp_path / "table")
+    ids = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(loaded(ids), served(ids))
+    assert not any("experts." in n for n in loaded.state_dict())
+    other = _model(seed=1)
+    other.save(tmp_path / "other")
+    with pytest.raises(ValueError, match="built for other weights"):
+        load_served(tmp_path / "other", tmp_path / "table")
+
+
+def test_load_served_keeps_embeddings_tied(tmp_path):
+    from moekit.mole import load_served
+
+    model = _model()
+    model.save(tmp_path / "ckpt")
+    reparameterize(model, tmp_path / "table", progress=False)
+    loaded = load_served(tmp_path / "ckpt", tmp_path / "table")
+    assert loaded.head.weight is loaded.embed.weight

@@ -18,6 +18,13 @@ def _cmd_bench_layer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_mole(args: argparse.Namespace) -> int:
+    from .bench.mole import run_mole_bench
+
+    run_mole_bench(out=args.out, quick=args.quick)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -122,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--no-malloc-tuning", action="store_true",
                        help="leave glibc malloc's thresholds alone (see moekit.bench.timing.keep_freed_memory)")
     layer.set_defaults(func=_cmd_bench_layer)
+    mole = bsub.add_parser(
+        "mole", help="MoLE vs dense vs MoE in RAM vs MoE with experts on disk: decode, prefill, memory, bytes read",
+        description="Decode latency, prefill tokens/s, resident bytes, peak RSS and bytes read per token of a dense "
+        "model, a top-2 MoE in RAM, the same MoE with experts read from disk (page cache dropped before each "
+        "read) and MoLE with its lookup table on disk; one spawned process per model.",
+    )
+    mole.add_argument("--quick", action="store_true", help="smaller vocabulary and fewer tokens (smoke test)")
+    mole.add_argument("--out", default="runs/bench/mole.json", help="JSON output path")
+    mole.set_defaults(func=_cmd_bench_mole)
     return p
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -154,14 +155,15 @@ def _mole_layers(model) -> list[MoLE]:
 
 @torch.no_grad()
 def reparameterize(model, path: str | os.PathLike, dtype: torch.dtype | str = torch.float16, batch: int = 512,
-                   block: int = 64, progress: bool = True):
+                   block: int = 64, cache_bytes: int = 0, progress: bool = True):
     """Write every layer's lookup table to ``path`` and return the inference-form model.
 
     The table is ``[V, L, N, D]``: ``torch.float16`` (the paper's default) or ``torch.float32``, or
     quantized after training: ``"int8"`` (absmax per row) or ``"nf4"`` (QLoRA's NormalFloat-4 with an
     absmax scale per ``block`` values). It is written atomically with a manifest (sizes, dtype,
     layout and a hash of the embedding, expert norms and expert weights it came from). The returned
-    model is a copy whose MoLE blocks read rows from the table and compute no expert.
+    model is a copy whose MoLE blocks read rows from the table and compute no expert, keeping up to
+    ``cache_bytes`` of recently used rows in RAM.
     """
     import copy
 
@@ -200,16 +202,20 @@ def reparameterize(model, path: str | os.PathLike, dtype: torch.dtype | str = to
                 "bytes_per_token": per_token, "bytes": V * per_token, "source_sha256": _hash_sources(emb, layers)}
     atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2))
     inference = copy.deepcopy(model)
-    table = LookupTable(path, expect_hash=manifest["source_sha256"])
+    table = LookupTable(path, expect_hash=manifest["source_sha256"], cache_bytes=cache_bytes)
     for i, block in enumerate(inference.blocks):
         block.ffn = MoLELookup(block.ffn, table, i)
     return inference
 
 
 class LookupTable:
-    """The on-disk table, memory-mapped; reads only the rows asked for, and counts the bytes read."""
+    """The on-disk table, memory-mapped; reads only the rows asked for, and counts the bytes read.
 
-    def __init__(self, path: str | os.PathLike, expect_hash: str | None = None) -> None:
+    ``cache_bytes > 0`` keeps recently used tokens' rows in RAM (least recently used evicted first;
+    the budget is never exceeded); ``bytes_read`` then counts only what came from the table.
+    """
+
+    def __init__(self, path: str | os.PathLike, expect_hash: str | None = None, cache_bytes: int = 0) -> None:
         path = Path(path)
         if not (path / MANIFEST).exists():
             raise FileNotFoundError(f"{path / MANIFEST}: missing; was the table written by moekit.mole.reparameterize?")
@@ -236,24 +242,79 @@ class LookupTable:
             self.rows = np.memmap(table, dtype=np_dtype, mode="r", shape=self.shape)
         self.bytes_per_token = m["bytes_per_token"]
         self.bytes_read = 0
-        self._last: tuple[Tensor, Tensor] | None = None  # the rows of the current forward, shared by all layers
+        #: read each row with pread after dropping it from the OS page cache (benchmarks of cold reads)
+        self.drop_page_cache = False
+        self._fd: int | None = None
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        self.cache_rows = cache_bytes // self.bytes_per_token  # whole rows only: never over budget
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.cache_hits = 0
+        self._last: tuple[list, tuple[Tensor, ...]] | None = None  # this forward's rows, per layer
 
-    def read(self, ids: Tensor) -> Tensor:
-        """Rows ``[U, L, N, D]`` (fp32) of the given sorted unique token ids, read once per forward:
-        the layers after the first reuse them."""
-        if self._last is not None and torch.equal(self._last[0], ids):
-            return self._last[1]
-        idx = ids.cpu().numpy()
+    def read(self, ids: Tensor, layer: int) -> Tensor:
+        """Layer ``layer``'s rows ``[U, N, D]`` (fp32) of the given sorted unique token ids. All layers'
+        rows are read at once (one read per token) and kept for the layers that follow."""
+        key = ids.tolist()
+        if self._last is not None and self._last[0] == key:
+            return self._last[1][layer]
+        idx = np.asarray(key, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
             raise ValueError(f"lookup table: token ids must lie in [0, {self.shape[0]}), got [{idx.min()}, {idx.max()}]")
-        raw = self.rows[idx]
+        raw = self._fetch(idx)
         if self.kind in QUANTIZED:
             rows = dequantize(raw, self.kind, self.shape[1:], self.manifest["block"] or 64)
         else:
             rows = torch.from_numpy(np.ascontiguousarray(raw)).float()
-        self.bytes_read += idx.size * self.bytes_per_token
-        self._last = (ids.clone(), rows)
-        return rows
+        self._last = (key, rows.unbind(1))
+        return self._last[1][layer]
+
+
+    @property
+    def cached_bytes(self) -> int:
+        return len(self._cache) * self.bytes_per_token
+
+    def _fetch(self, idx: np.ndarray) -> np.ndarray:
+        """Stored rows of ``idx`` (storage dtype), from the RAM cache where possible."""
+        if self.cache_rows == 0:
+            self.bytes_read += idx.size * self.bytes_per_token
+            return self._read_cold(idx) if self.drop_page_cache else self.rows[idx]
+        out = np.empty((idx.size, *self.rows.shape[1:]), dtype=self.rows.dtype)
+        missing = []
+        for i, v in enumerate(idx.tolist()):
+            row = self._cache.get(v)
+            if row is None:
+                missing.append(i)
+            else:
+                out[i] = row
+                self._cache.move_to_end(v)
+        self.cache_hits += idx.size - len(missing)
+        if missing:
+            m_idx = idx[missing]
+            raw = self._read_cold(m_idx) if self.drop_page_cache else self.rows[m_idx]
+            out[missing] = raw
+            self.bytes_read += len(missing) * self.bytes_per_token
+            for v, row in zip(m_idx.tolist(), raw):
+                self._cache[v] = np.array(row)
+                if len(self._cache) > self.cache_rows:
+                    self._cache.popitem(last=False)
+        return out
+
+    def _read_cold(self, idx: np.ndarray) -> np.ndarray:
+        """The rows of ``idx`` read with one ``pread`` each, after evicting them from the page cache."""
+        if self._fd is None:
+            self._fd = os.open(self.path / TABLE, os.O_RDONLY)
+        n = self.bytes_per_token
+        buf = bytearray(idx.size * n)
+        for i, v in enumerate(idx.tolist()):
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd, v * n, n, os.POSIX_FADV_DONTNEED)
+            buf[i * n : (i + 1) * n] = os.pread(self._fd, n, v * n)
+        return np.frombuffer(buf, dtype=self.rows.dtype).reshape((idx.size, *self.rows.shape[1:]))
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 class MoLELookup(nn.Module):
@@ -268,6 +329,9 @@ class MoLELookup(nn.Module):
         self.table = table
 
     def gates(self, u_TD: Tensor) -> Tensor:
+        """Softmax router in fp32 (no casts when the model already is fp32)."""
+        if u_TD.dtype == torch.float32 and self.router.weight.dtype == torch.float32:
+            return torch.softmax(nn.functional.linear(u_TD, self.router.weight), dim=-1)
         return torch.softmax(nn.functional.linear(u_TD.float(), self.router.weight.float()), dim=-1)
 
     def forward(self, u: Tensor, token_ids: Tensor | None = None, **context) -> Tensor:
@@ -275,7 +339,55 @@ class MoLELookup(nn.Module):
             raise ValueError("MoLELookup needs token_ids")
         shape = u.shape
         u_TD = u.reshape(-1, self.d_model)
-        uniq, inv = torch.unique(token_ids.reshape(-1), return_inverse=True)
-        rows = self.table.read(uniq)[:, self.layer].to(u_TD.dtype)  # [U, N, D]
-        routed = torch.einsum("tn,tnd->td", self.gates(u_TD).to(rows.dtype), rows.index_select(0, inv))
+        ids = token_ids.reshape(-1)
+        g_TN = self.gates(u_TD)
+        if g_TN.dtype != u_TD.dtype:
+            g_TN = g_TN.to(u_TD.dtype)
+        if ids.numel() == 1:  # decoding one token: no unique, no gather, one fused multiply-add
+            rows = self.table.read(ids, self.layer)[0]  # [N, D]
+            return torch.addmm(self.shared(u_TD), g_TN, rows.to(u_TD.dtype)).reshape(shape)
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        rows = self.table.read(uniq, self.layer).to(u_TD.dtype)  # [U, N, D]
+        routed = torch.bmm(g_TN.unsqueeze(1), rows.index_select(0, inv)).squeeze(1)
         return (self.shared(u_TD) + routed).reshape(shape)
+
+
+def load_served(checkpoint: str | os.PathLike, table: str | os.PathLike, cache_bytes: int = 0):
+    """The inference-form model from a train-form checkpoint (``GPT.save``) and its table folder,
+    without ever materialising the experts: only the dense part, routers and norms are loaded, the
+    expert weights are streamed one tensor at a time to check the table's hash."""
+    from safetensors import safe_open
+
+    from .models.gpt import CONFIG_FILE, GPT, WEIGHTS_FILE, Rotary, read_config
+
+    cfg = read_config(checkpoint)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    layers = _mole_layers(model)
+    weights = Path(checkpoint) / WEIGHTS_FILE
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: missing; save the trained model with GPT.save ({CONFIG_FILE} + weights)")
+    with safe_open(str(weights), framework="pt") as f:
+        keys = set(f.keys())
+        emb_key = "embed.weight" if "embed.weight" in keys else "head.weight"
+        names = [emb_key] + [f"blocks.{i}.ffn.{sub}.{n}" for i, m in enumerate(layers)
+                             for sub, mod in (("expert_norm", m.expert_norm), ("experts", m.experts))
+                             for n, _ in mod.named_parameters()]
+        h = hashlib.sha256()
+        for n in names:
+            h.update(f.get_tensor(n).to(torch.float32).contiguous().numpy().tobytes())
+        lookup = LookupTable(table, expect_hash=h.hexdigest(), cache_bytes=cache_bytes)
+        for i, block in enumerate(model.blocks):
+            block.ffn = MoLELookup(block.ffn, lookup, i)
+        model = model.to_empty(device="cpu")
+        state = {}
+        for name in model.state_dict():
+            src = name if name in keys else (emb_key if name in ("embed.weight", "head.weight") else None)
+            if src is None:
+                raise ValueError(f"{weights}: no tensor for {name}")
+            state[name] = f.get_tensor(src)
+    if cfg.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
+        model.head.weight = model.embed.weight
+    model.load_state_dict(state, strict=True)
+    model.rope = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)  # non-persistent buffers
+    return model.eval()

@@ -183,12 +183,19 @@ class Block(nn.Module):
         a, importance = self.attn(self.attn_norm(x), rope, cache, want_importance="importance" in keys)
         x = x + a
         h = self.ffn_norm(x)
-        if keys:
-            context = {"token_ids": token_ids.reshape(-1), "embeddings": embeddings}
-            if importance is not None:
-                context["importance"] = importance.reshape(-1)
-            return x + self.ffn(h, **{k: v for k, v in context.items() if k in keys})
-        return x + self.ffn(h)
+        if not keys:
+            return x + self.ffn(h)
+        context = {}
+        for k in keys:
+            if k == "token_ids":
+                context[k] = token_ids.reshape(-1)
+            elif k == "embeddings":
+                context[k] = embeddings
+            elif k == "importance":
+                context[k] = importance.reshape(-1)
+            else:
+                raise ValueError(f"GPT cannot provide the context {k!r}; it provides token_ids, embeddings, importance")
+        return x + self.ffn(h, **context)
 
 
 class GPT(nn.Module):

@@ -1,0 +1,230 @@
+"""`moekit bench mole`: MoLE's claim — decode at dense speed with experts on disk — measured.
+
+Four demo-sized models of equal inference FLOPs (same attention, same dense/shared FFN width):
+(a) dense; (b) top-2 MoE with every expert in RAM; (c) the same MoE with its experts on disk,
+each expert a contiguous block read when a token needs it; (d) MoLE with its lookup table on
+disk. For (c) and (d) every read is a real read: before each ``pread`` the byte range is dropped
+from the OS page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (clean pages are evicted, so
+the read goes to the device). Each model runs in its own spawned process so that its peak RSS is
+its own, and loads only what it keeps in memory: the MoE on disk and MoLE never materialise their
+experts. "RSS (model)" is the peak RSS minus the RSS after importing torch. Weights are random:
+only speed, memory and bytes moved are measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..dispatch import Segments
+from ..experts import GroupedExperts, get_activation
+from ..models import GPT, GPTConfig
+from ..models.gpt import WEIGHTS_FILE, Rotary, read_config
+
+CONFIGS = ("dense", "moe-ram", "moe-disk", "mole-disk")
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+class DiskExperts(nn.Module):
+    """Experts kept on disk, one contiguous block each (``gate_up`` then ``down``), read on demand."""
+
+    def __init__(self, path: Path, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        self.act, self.d_model, self.d_ff = get_activation(activation), d_model, d_ff
+        first = 2 * d_ff if self.act.gated else d_ff
+        self.first_shape, self.down_shape = (first, d_model), (d_model, d_ff)
+        self.block_bytes = (first * d_model + d_model * d_ff) * 4
+        if os.path.getsize(path) != num_experts * self.block_bytes:
+            raise ValueError(f"{path}: expected {num_experts} experts of {self.block_bytes} bytes")
+        self.fd = os.open(path, os.O_RDONLY)
+        self.bytes_read = 0
+
+    @staticmethod
+    def write(experts: GroupedExperts, path: Path) -> None:
+        with open(path, "wb") as f:
+            for w1, w2 in zip(experts.first_proj, experts.down_proj):
+                f.write(torch.cat([w1.reshape(-1), w2.reshape(-1)]).detach().float().numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # dirty pages cannot be dropped from the page cache: write them out first
+
+    def load(self, e: int) -> tuple[Tensor, Tensor]:
+        off = e * self.block_bytes
+        _drop_cache(self.fd, off, self.block_bytes)
+        buf = bytearray(os.pread(self.fd, self.block_bytes, off))
+        self.bytes_read += len(buf)
+        flat = torch.frombuffer(buf, dtype=torch.float32)
+        n1 = self.first_shape[0] * self.first_shape[1]
+        return flat[:n1].view(self.first_shape), flat[n1:].view(self.down_shape)
+
+    def forward(self, x_ND: Tensor, seg: Segments) -> Tensor:
+        out, start = x_ND.new_empty(x_ND.shape[0], self.d_model), 0
+        for e, n in enumerate(seg.sizes):
+            if n:
+                w1, w2 = self.load(e)
+                rows = slice(start, start + n)
+                out[rows] = F.linear(self.act.apply(F.linear(x_ND[rows], w1)), w2)
+                start += n
+        return out
+
+
+def _base(vocab: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab, d_model=128, n_layers=4, n_heads=4, max_seq_len=256, d_ff=512)
+
+
+def _prepare(folder: Path, vocab: int) -> None:
+    """Build every model once (same seed) and write what each configuration loads."""
+    from ..mole import reparameterize
+
+    base = _base(vocab)
+    torch.manual_seed(0)
+    GPT(base).save(folder / "dense")
+    torch.manual_seed(0)
+    moe = GPT(base.with_moe(num_experts=8, k=2))
+    moe.save(folder / "moe")
+    for i, block in enumerate(moe.blocks):
+        DiskExperts.write(block.ffn.experts, folder / f"experts_{i}.bin")
+    torch.manual_seed(0)
+    mole = GPT(replace(base, ffn=[{"kind": "mole", "num_experts": 4, "d_ff": 512}] * base.n_layers)).eval()
+    mole.save(folder / "mole")
+    reparameterize(mole, folder / "mole_table", dtype=torch.float16, progress=False)
+
+
+def _load_moe_on_disk(folder: Path) -> GPT:
+    """The MoE with every expert left on disk: only the rest of the model is loaded."""
+    from safetensors import safe_open
+
+    cfg = read_config(folder / "moe")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    for i, block in enumerate(model.blocks):
+        spec = cfg.layer_ffn(i)
+        block.ffn.experts = DiskExperts(folder / f"experts_{i}.bin", spec["num_experts"], cfg.d_model, spec["d_ff"])
+    model = model.to_empty(device="cpu")
+    with safe_open(str(folder / "moe" / WEIGHTS_FILE), framework="pt") as f:
+        keys = set(f.keys())
+        state = {n: f.get_tensor(n if n in keys else "head.weight" if n == "embed.weight" else "embed.weight")
+                 for n in model.state_dict()}
+    if cfg.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
+        model.head.weight = model.embed.weight
+    model.load_state_dict(state, strict=True)
+    model.rope = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+    return model
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _measure_one(name: str, folder: str, vocab: int, new_tokens: int, repeats: int) -> dict:
+    from ..mole import load_served
+
+    folder = Path(folder)
+    rss_start = _rss_mb()
+    with torch.no_grad():
+        if name == "dense":
+            model, read = GPT.load(folder / "dense"), (lambda: 0)
+        elif name == "moe-ram":
+            model, read = GPT.load(folder / "moe"), (lambda: 0)
+        elif name == "moe-disk":
+            model = _load_moe_on_disk(folder)
+            disks = [b.ffn.experts for b in model.blocks]
+            read = lambda: sum(d.bytes_read for d in disks)  # noqa: E731
+        else:
+            model = load_served(folder / "mole", folder / "mole_table")
+            table = model.blocks[0].ffn.table
+            table.drop_page_cache = True
+            read = lambda: table.bytes_read  # noqa: E731
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(1, vocab, (8, 128), generator=g)
+        pre = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            model(prompt)
+            pre.append(time.perf_counter() - t0)
+        lat, bytes_per_token = [], []
+        for _ in range(repeats + 1):
+            # random next tokens (random weights would make greedy decoding repeat itself): every
+            # step brings a new token id and, for the MoE, a new routing
+            seq = torch.randperm(vocab - 1, generator=g)[: 16 + new_tokens].view(1, -1) + 1
+            caches = [{} for _ in model.blocks]
+            model(seq[:, :16], caches)
+            for t in range(16, 16 + new_tokens):
+                before = read()
+                t0 = time.perf_counter()
+                model(seq[:, t : t + 1], caches)
+                lat.append(time.perf_counter() - t0)
+                bytes_per_token.append(read() - before)
+        resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "config": name,
+        "prefill_tok_s": prompt.numel() / statistics.median(pre[1:]),
+        "decode_ms": statistics.median(lat[new_tokens:]) * 1e3,
+        "resident_param_bytes": resident,
+        "bytes_read_per_token": statistics.mean(bytes_per_token[new_tokens:]),
+        "peak_rss_mb": peak,
+        "rss_at_start_mb": rss_start,
+        "model_rss_mb": peak - rss_start,
+    }
+
+
+def run_mole_bench(out: str | os.PathLike | None = None, quick: bool = False, console=None) -> dict:
+    import multiprocessing as mp
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    vocab, new_tokens, repeats = (1024, 16, 2) if quick else (4096, 64, 5)
+    ctx = mp.get_context("spawn")
+    results = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("MOEKIT_BENCH_DIR")) as tmp:
+        _prepare(Path(tmp), vocab)
+        for name in CONFIGS:
+            console.print(f"[dim]mole bench: {name}...[/dim]")
+            with ctx.Pool(1) as pool:  # a fresh process each: its peak RSS is this model's alone
+                results.append(pool.apply(_measure_one, (name, tmp, vocab, new_tokens, repeats)))
+    by = {r["config"]: r for r in results}
+    ratios = {
+        "mole_decode_vs_dense": by["mole-disk"]["decode_ms"] / by["dense"]["decode_ms"],
+        "moe_disk_decode_vs_mole": by["moe-disk"]["decode_ms"] / by["mole-disk"]["decode_ms"],
+    }
+    table = Table(title=f"moekit bench mole (fp32 compute, {torch.get_num_threads()} threads; disk reads bypass the page cache)")
+    for col in ("model", "decode ms/token", "vs dense", "prefill tok/s", "resident params MB",
+                "RSS MB (model)", "bytes read / token"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        table.add_row(r["config"], f"{r['decode_ms']:.2f}", f"{r['decode_ms'] / by['dense']['decode_ms']:.2f}x",
+                      f"{r['prefill_tok_s']:,.0f}", f"{r['resident_param_bytes'] / 2**20:.1f}", f"{r['model_rss_mb']:.0f}",
+                      f"{r['bytes_read_per_token']:,.0f}")
+    console.print(table)
+    console.print(", ".join(f"{k}={v:.2f}x" for k, v in ratios.items()))
+    report = {"benchmark": "mole", "torch": torch.__version__, "machine": platform.machine(), "vocab": vocab,
+              "new_tokens": new_tokens, "repeats": repeats, "results": results, "ratios": ratios,
+              "expected_mole_bytes_per_token": 4 * 4 * 128 * 2}
+    if out is not None:
+        from ..io import atomic_write_text
+
+        atomic_write_text(Path(out), json.dumps(report, indent=2))
+        console.print(f"wrote {out}")
+    return report
+
+
+__all__ = ["run_mole_bench", "DiskExperts", "CONFIGS"]
