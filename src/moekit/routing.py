@@ -220,9 +220,6 @@ class Router(nn.Module):
                 "or call router.bind(d_model, num_experts)"
             )
 
-    def forward(self, x_TD: Tensor, **context) -> Routing:  # pragma: no cover - abstract
-        raise NotImplementedError
-
 
 class LinearRouter(Router):
     """A router whose scores are one bias-free linear map of the input, computed in fp32.
