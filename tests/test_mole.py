@@ -60,6 +60,24 @@ def test_reparameterized_logits_equal_train_form(tmp_path):
     assert manifest["bytes"] == 300 * 2 * 4 * 32 * 2 == (tmp_path / "fp16" / TABLE).stat().st_size
 
 
+def test_inference_fast_path_equals_plain_path_and_follows_weight_changes(tmp_path):
+    """Without autograd the router rides in the shared FFN's up projection; same logits, and a weight
+    changed in place (an optimizer step, load_state_dict) is picked up."""
+    model = _model()
+    inf = reparameterize(model, tmp_path / "t", dtype=torch.float32, progress=False).eval()
+    ids = torch.randint(0, 300, (2, 9))
+    plain = inf(ids)  # grad enabled: the plain path
+    with torch.no_grad():
+        torch.testing.assert_close(inf(ids), plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(inf(ids[:1, :1]), inf(ids)[:1, :1], atol=1e-5, rtol=1e-5)  # T=1 path
+        ffn = inf.blocks[1].ffn
+        ffn.router.weight.mul_(-3.0)
+        ffn.shared.up_proj.weight.add_(0.1)
+        fast = inf(ids)
+    torch.testing.assert_close(fast, inf(ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast, plain, atol=1e-3)
+
+
 def test_bytes_read_per_new_token_is_exact(tmp_path):
     model = _model()
     inf = reparameterize(model, tmp_path / "t", progress=False).eval()

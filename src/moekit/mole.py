@@ -250,67 +250,71 @@ class LookupTable:
         self.cache_rows = cache_bytes // self.bytes_per_token  # whole rows only: never over budget
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cache_hits = 0
-        self._last: tuple[list, tuple[Tensor, ...]] | None = None  # this forward's rows, per layer
+        self._last: tuple[list, Tensor] | None = None  # the last ids read and their rows [U, L, N, D]
+        self._last_one: tuple[list, tuple[Tensor, ...]] | None = None  # one id's rows, per layer
 
     def read(self, ids: Tensor, layer: int) -> Tensor:
         """Layer ``layer``'s rows ``[U, N, D]`` (fp32) of the given sorted unique token ids. All layers'
         rows are read at once (one read per token) and kept for the layers that follow."""
+        return self._rows(ids.tolist())[:, layer]
+
+    def read_one(self, ids: Tensor, layer: int) -> Tensor:
+        """Layer ``layer``'s rows ``[N, D]`` of one token id: :meth:`read` for the decode step."""
         key = ids.tolist()
+        if self._last_one is None or self._last_one[0] != key:
+            self._last_one = (key, self._rows(key)[0].unbind(0))
+        return self._last_one[1][layer]
+
+    def _rows(self, key: list[int]) -> Tensor:
+        """All layers' rows ``[U, L, N, D]`` (fp32) of the ids in ``key``; the last call's are kept."""
         if self._last is not None and self._last[0] == key:
-            return self._last[1][layer]
-        idx = np.asarray(key, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
-            raise ValueError(f"lookup table: token ids must lie in [0, {self.shape[0]}), got [{idx.min()}, {idx.max()}]")
-        raw = self._fetch(idx)
+            return self._last[1]
+        if key and (min(key) < 0 or max(key) >= self.shape[0]):
+            raise ValueError(f"lookup table: token ids must lie in [0, {self.shape[0]}), got [{min(key)}, {max(key)}]")
+        raw = self._fetch(key)
         if self.kind in QUANTIZED:
             rows = dequantize(raw, self.kind, self.shape[1:], self.manifest["block"] or 64)
         else:
-            rows = torch.from_numpy(np.ascontiguousarray(raw)).float()
-        self._last = (key, rows.unbind(1))
-        return self._last[1][layer]
-
+            rows = torch.from_numpy(raw).float()
+        self._last = (key, rows)
+        return rows
 
     @property
     def cached_bytes(self) -> int:
         return len(self._cache) * self.bytes_per_token
 
-    def _fetch(self, idx: np.ndarray) -> np.ndarray:
-        """Stored rows of ``idx`` (storage dtype), from the RAM cache where possible."""
-        if self.cache_rows == 0:
-            self.bytes_read += idx.size * self.bytes_per_token
-            return self._read_cold(idx) if self.drop_page_cache else self.rows[idx]
-        out = np.empty((idx.size, *self.rows.shape[1:]), dtype=self.rows.dtype)
-        missing = []
-        for i, v in enumerate(idx.tolist()):
-            row = self._cache.get(v)
-            if row is None:
-                missing.append(i)
-            else:
-                out[i] = row
-                self._cache.move_to_end(v)
-        self.cache_hits += idx.size - len(missing)
-        if missing:
-            m_idx = idx[missing]
-            raw = self._read_cold(m_idx) if self.drop_page_cache else self.rows[m_idx]
-            out[missing] = raw
-            self.bytes_read += len(missing) * self.bytes_per_token
-            for v, row in zip(m_idx.tolist(), raw):
-                self._cache[v] = np.array(row)
-                if len(self._cache) > self.cache_rows:
-                    self._cache.popitem(last=False)
-        return out
-
-    def _read_cold(self, idx: np.ndarray) -> np.ndarray:
-        """The rows of ``idx`` read with one ``pread`` each, after evicting them from the page cache."""
-        if self._fd is None:
-            self._fd = os.open(self.path / TABLE, os.O_RDONLY)
+    def _fetch(self, key: list[int]) -> np.ndarray:
+        """Stored rows of the ids in ``key`` (storage dtype, a fresh array), from the RAM cache where possible."""
+        out = np.empty((len(key), *self.rows.shape[1:]), dtype=self.rows.dtype)
+        missing = list(range(len(key)))
+        if self.cache_rows:
+            missing = []
+            for i, v in enumerate(key):
+                row = self._cache.get(v)
+                if row is None:
+                    missing.append(i)
+                else:
+                    out[i] = row
+                    self._cache.move_to_end(v)
+            self.cache_hits += len(key) - len(missing)
         n = self.bytes_per_token
-        buf = bytearray(idx.size * n)
-        for i, v in enumerate(idx.tolist()):
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self._fd, v * n, n, os.POSIX_FADV_DONTNEED)
-            buf[i * n : (i + 1) * n] = os.pread(self._fd, n, v * n)
-        return np.frombuffer(buf, dtype=self.rows.dtype).reshape((idx.size, *self.rows.shape[1:]))
+        if missing and self.drop_page_cache:  # a real read from the device: evict the range, then pread
+            if self._fd is None:
+                self._fd = os.open(self.path / TABLE, os.O_RDONLY)
+            for i in missing:
+                v = key[i]
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self._fd, v * n, n, os.POSIX_FADV_DONTNEED)
+                if os.preadv(self._fd, [memoryview(out[i]).cast("B")], v * n) != n:
+                    raise OSError(f"{self.path / TABLE}: short read of token {v}; the table file changed on disk")
+        elif missing:
+            out[missing] = self.rows[[key[i] for i in missing]]
+        self.bytes_read += len(missing) * n
+        for i in missing if self.cache_rows else ():
+            self._cache[key[i]] = out[i].copy()
+            if len(self._cache) > self.cache_rows:
+                self._cache.popitem(last=False)
+        return out
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -318,7 +322,13 @@ class LookupTable:
 
 
 class MoLELookup(nn.Module):
-    """MoLE block, inference form: shared FFN + router + rows read from the lookup table."""
+    """MoLE block, inference form: shared FFN + router + rows read from the lookup table.
+
+    In fp32 inference the router's ``N`` rows ride along in the shared FFN's up projection (one
+    matmul of width ``d_ff + N`` instead of two; the fused weight is rebuilt whenever a source weight
+    changes), so a decode step costs the dense FFN plus a softmax over ``N`` and one ``[1, N] x [N, D]``
+    multiply-add.
+    """
 
     context_keys = ("token_ids",)
 
@@ -327,6 +337,7 @@ class MoLELookup(nn.Module):
         self.d_model, self.num_experts, self.layer = trained.d_model, trained.num_experts, layer
         self.shared, self.router = trained.shared, trained.router
         self.table = table
+        self._fused: tuple[tuple, Tensor] | None = None
 
     def gates(self, u_TD: Tensor) -> Tensor:
         """Softmax router in fp32 (no casts when the model already is fp32)."""
@@ -334,22 +345,46 @@ class MoLELookup(nn.Module):
             return torch.softmax(nn.functional.linear(u_TD, self.router.weight), dim=-1)
         return torch.softmax(nn.functional.linear(u_TD.float(), self.router.weight.float()), dim=-1)
 
+    def _inference_weights(self) -> tuple | None:
+        """``([up_proj; router], gate_proj, down_proj)`` weights for fp32 inference without autograd,
+        rebuilt whenever a source weight is replaced or changed in place; ``None`` where the fused
+        path does not apply (biases, another dtype)."""
+        sh = self.shared
+        srcs = (sh.up_proj.weight, self.router.weight, sh.gate_proj.weight if sh.act.gated else None,
+                sh.down_proj.weight)
+        key = tuple((t.data_ptr(), t._version) for t in srcs if t is not None)
+        if self._fused is not None and self._fused[0] == key:
+            return self._fused[1]
+        if (sh.up_proj.bias is not None or sh.down_proj.bias is not None
+                or any(t is not None and t.dtype != torch.float32 for t in srcs)):
+            return None
+        up, r, gate, down = srcs
+        self._fused = (key, (torch.cat([up, r]).detach(), None if gate is None else gate.detach(), down.detach()))
+        return self._fused[1]
+
     def forward(self, u: Tensor, token_ids: Tensor | None = None, **context) -> Tensor:
         if token_ids is None:
             raise ValueError("MoLELookup needs token_ids")
         shape = u.shape
         u_TD = u.reshape(-1, self.d_model)
         ids = token_ids.reshape(-1)
-        g_TN = self.gates(u_TD)
-        if g_TN.dtype != u_TD.dtype:
-            g_TN = g_TN.to(u_TD.dtype)
+        w = None if torch.is_grad_enabled() or u.dtype != torch.float32 else self._inference_weights()
+        if w is None:
+            y_TD, g_TN = self.shared(u_TD), self.gates(u_TD).to(u.dtype)
+        else:
+            w_up_router, w_gate, w_down = w
+            up, z = nn.functional.linear(u_TD, w_up_router).split([w_down.shape[1], self.num_experts], dim=-1)
+            fn = self.shared.act.fn
+            y_TD = nn.functional.linear(fn(nn.functional.linear(u_TD, w_gate)) * up if w_gate is not None else fn(up),
+                                        w_down)
+            g_TN = torch.softmax(z, dim=-1)
         if ids.numel() == 1:  # decoding one token: no unique, no gather, one fused multiply-add
-            rows = self.table.read(ids, self.layer)[0]  # [N, D]
-            return torch.addmm(self.shared(u_TD), g_TN, rows.to(u_TD.dtype)).reshape(shape)
+            rows = self.table.read_one(ids, self.layer)  # [N, D]
+            return torch.addmm(y_TD, g_TN, rows if rows.dtype == u.dtype else rows.to(u.dtype)).reshape(shape)
         uniq, inv = torch.unique(ids, return_inverse=True)
-        rows = self.table.read(uniq, self.layer).to(u_TD.dtype)  # [U, N, D]
+        rows = self.table.read(uniq, self.layer).to(u.dtype)  # [U, N, D]
         routed = torch.bmm(g_TN.unsqueeze(1), rows.index_select(0, inv)).squeeze(1)
-        return (self.shared(u_TD) + routed).reshape(shape)
+        return (y_TD + routed).reshape(shape)
 
 
 def load_served(checkpoint: str | os.PathLike, table: str | os.PathLike, cache_bytes: int = 0):

@@ -31,6 +31,7 @@ from ..dispatch import Segments
 from ..experts import GroupedExperts, get_activation
 from ..models import GPT, GPTConfig
 from ..models.gpt import WEIGHTS_FILE, Rotary, read_config
+from .timing import interleaved_medians
 
 CONFIGS = ("dense", "moe-ram", "moe-disk", "mole-disk")
 
@@ -131,58 +132,94 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _measure_one(name: str, folder: str, vocab: int, new_tokens: int, repeats: int) -> dict:
+def _load(name: str, folder: Path) -> tuple[nn.Module, callable]:
+    """The model of one configuration and a counter of the bytes it has read from disk."""
     from ..mole import load_served
 
+    if name in ("dense", "moe-ram"):
+        return GPT.load(folder / ("dense" if name == "dense" else "moe")).eval(), (lambda: 0)
+    if name == "moe-disk":
+        model = _load_moe_on_disk(folder).eval()
+        disks = [b.ffn.experts for b in model.blocks]
+        return model, (lambda: sum(d.bytes_read for d in disks))
+    model = load_served(folder / "mole", folder / "mole_table")
+    table = model.blocks[0].ffn.table
+    table.drop_page_cache = True
+    return model, (lambda: table.bytes_read)
+
+
+def _decoder(model: nn.Module, seq: Tensor, start: int = 16):
+    """A step function that decodes ``seq`` one token at a time after a prefill of ``start`` tokens
+    (random next tokens: random weights would make greedy decoding repeat itself, so every step
+    brings a new token id and, for the MoE, a new routing)."""
+    caches = [{} for _ in model.blocks]
+    model(seq[:, :start], caches)
+    pos = iter(range(start, seq.shape[1]))
+
+    def step() -> None:
+        t = next(pos)
+        model(seq[:, t : t + 1], caches)
+
+    return step
+
+
+def _measure_memory(name: str, folder: str, vocab: int, new_tokens: int) -> dict:
+    """Resident bytes, peak RSS and bytes read per new token of one configuration, alone in its process."""
     folder = Path(folder)
     rss_start = _rss_mb()
     with torch.no_grad():
-        if name == "dense":
-            model, read = GPT.load(folder / "dense"), (lambda: 0)
-        elif name == "moe-ram":
-            model, read = GPT.load(folder / "moe"), (lambda: 0)
-        elif name == "moe-disk":
-            model = _load_moe_on_disk(folder)
-            disks = [b.ffn.experts for b in model.blocks]
-            read = lambda: sum(d.bytes_read for d in disks)  # noqa: E731
-        else:
-            model = load_served(folder / "mole", folder / "mole_table")
-            table = model.blocks[0].ffn.table
-            table.drop_page_cache = True
-            read = lambda: table.bytes_read  # noqa: E731
-        model.eval()
-        g = torch.Generator().manual_seed(0)
-        prompt = torch.randint(1, vocab, (8, 128), generator=g)
-        pre = []
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            model(prompt)
-            pre.append(time.perf_counter() - t0)
-        lat, bytes_per_token = [], []
-        for _ in range(repeats + 1):
-            # random next tokens (random weights would make greedy decoding repeat itself): every
-            # step brings a new token id and, for the MoE, a new routing
-            seq = torch.randperm(vocab - 1, generator=g)[: 16 + new_tokens].view(1, -1) + 1
-            caches = [{} for _ in model.blocks]
-            model(seq[:, :16], caches)
-            for t in range(16, 16 + new_tokens):
-                before = read()
-                t0 = time.perf_counter()
-                model(seq[:, t : t + 1], caches)
-                lat.append(time.perf_counter() - t0)
-                bytes_per_token.append(read() - before)
+        model, read = _load(name, folder)
+        g = torch.Generator().manual_seed(1)
+        model(torch.randint(1, vocab, (8, 128), generator=g))
+        step = _decoder(model, torch.randperm(vocab - 1, generator=g)[: 16 + new_tokens].view(1, -1) + 1)
+        per_token = []
+        for _ in range(new_tokens):
+            before = read()
+            step()
+            per_token.append(read() - before)
         resident = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "config": name,
-        "prefill_tok_s": prompt.numel() / statistics.median(pre[1:]),
-        "decode_ms": statistics.median(lat[new_tokens:]) * 1e3,
-        "resident_param_bytes": resident,
-        "bytes_read_per_token": statistics.mean(bytes_per_token[new_tokens:]),
-        "peak_rss_mb": peak,
-        "rss_at_start_mb": rss_start,
-        "model_rss_mb": peak - rss_start,
-    }
+    return {"config": name, "resident_param_bytes": resident, "bytes_read_per_token": statistics.mean(per_token),
+            "peak_rss_mb": peak, "rss_at_start_mb": rss_start, "model_rss_mb": peak - rss_start}
+
+
+def _measure_speed(folder: str, vocab: int, new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Decode latency and prefill throughput of every configuration, timed round-robin in one
+    process: each decode position and each prefill repeat runs every model once, in turn, so slow
+    phases of a shared machine hit all of them alike."""
+    folder = Path(folder)
+    with torch.no_grad():
+        models = {name: _load(name, folder)[0] for name in CONFIGS}
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(1, vocab, (8, 128), generator=g)
+        pre = interleaved_medians({n: (lambda m=m: m(prompt)) for n, m in models.items()}, repeats, warmup=1)
+        lat: dict[str, list[float]] = {n: [] for n in models}
+        for r in range(repeats + 1):
+            seq = torch.randperm(vocab - 1, generator=g)[: 16 + new_tokens].view(1, -1) + 1
+            steps = {n: _decoder(m, seq) for n, m in models.items()}
+            for _ in range(new_tokens):
+                for n, step in steps.items():
+                    t0 = time.perf_counter()
+                    step()
+                    if r:  # the first sequence warms up
+                        lat[n].append(time.perf_counter() - t0)
+    return {n: {"decode_ms": statistics.median(lat[n]) * 1e3, "prefill_tok_s": prompt.numel() / pre[n]}
+            for n in models}
+
+
+def _disk_read_mb_s(path: Path, block: int, reads: int = 64) -> float:
+    """Median bandwidth of single ``pread`` calls of ``block`` bytes after dropping them from the page cache."""
+    fd, size, times = os.open(path, os.O_RDONLY), os.path.getsize(path), []
+    try:
+        for i in range(reads):
+            off = (i * block) % max(size - block, 1)
+            _drop_cache(fd, off, block)
+            t0 = time.perf_counter()
+            os.pread(fd, block, off)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return block / statistics.median(times) / 1e6
 
 
 def run_mole_bench(out: str | os.PathLike | None = None, quick: bool = False, console=None) -> dict:
@@ -192,32 +229,45 @@ def run_mole_bench(out: str | os.PathLike | None = None, quick: bool = False, co
     from rich.table import Table
 
     console = console or Console()
-    vocab, new_tokens, repeats = (1024, 16, 2) if quick else (4096, 64, 5)
+    vocab, new_tokens, repeats = (1024, 16, 2) if quick else (4096, 64, 7)
     ctx = mp.get_context("spawn")
-    results = []
+    memory = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("MOEKIT_BENCH_DIR")) as tmp:
         _prepare(Path(tmp), vocab)
         for name in CONFIGS:
-            console.print(f"[dim]mole bench: {name}...[/dim]")
+            console.print(f"[dim]mole bench: memory of {name}...[/dim]")
             with ctx.Pool(1) as pool:  # a fresh process each: its peak RSS is this model's alone
-                results.append(pool.apply(_measure_one, (name, tmp, vocab, new_tokens, repeats)))
+                memory.append(pool.apply(_measure_memory, (name, tmp, vocab, new_tokens)))
+        console.print("[dim]mole bench: speed, every model in turn...[/dim]")
+        with ctx.Pool(1) as pool:
+            speed = pool.apply(_measure_speed, (tmp, vocab, new_tokens, repeats))
+        expert_bytes = DiskExperts(Path(tmp) / "experts_0.bin", 8, 128, 256).block_bytes
+        disk_mb_s = _disk_read_mb_s(Path(tmp) / "experts_0.bin", expert_bytes)
+    results = [{**m, **speed[m["config"]]} for m in memory]
     by = {r["config"]: r for r in results}
+    ms = {n: by[n]["decode_ms"] for n in by}
     ratios = {
-        "mole_decode_vs_dense": by["mole-disk"]["decode_ms"] / by["dense"]["decode_ms"],
-        "moe_disk_decode_vs_mole": by["moe-disk"]["decode_ms"] / by["mole-disk"]["decode_ms"],
+        "mole_decode_vs_dense": ms["mole-disk"] / ms["dense"],
+        "moe_disk_decode_vs_mole": ms["moe-disk"] / ms["mole-disk"],
+        # MoLE runs the dense model's computation plus its lookups, so no MoLE can beat the MoE on disk
+        # by more than the MoE on disk is slower than dense: the ceiling of the ratio above
+        "moe_disk_decode_vs_dense": ms["moe-disk"] / ms["dense"],
     }
-    table = Table(title=f"moekit bench mole (fp32 compute, {torch.get_num_threads()} threads; disk reads bypass the page cache)")
+    table = Table(title=f"moekit bench mole (fp32 compute, {torch.get_num_threads()} threads; disk reads bypass "
+                        "the page cache; decode timed round-robin)")
     for col in ("model", "decode ms/token", "vs dense", "prefill tok/s", "resident params MB",
                 "RSS MB (model)", "bytes read / token"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
-        table.add_row(r["config"], f"{r['decode_ms']:.2f}", f"{r['decode_ms'] / by['dense']['decode_ms']:.2f}x",
+        table.add_row(r["config"], f"{r['decode_ms']:.2f}", f"{r['decode_ms'] / ms['dense']:.2f}x",
                       f"{r['prefill_tok_s']:,.0f}", f"{r['resident_param_bytes'] / 2**20:.1f}", f"{r['model_rss_mb']:.0f}",
                       f"{r['bytes_read_per_token']:,.0f}")
     console.print(table)
     console.print(", ".join(f"{k}={v:.2f}x" for k, v in ratios.items()))
+    console.print(f"disk: {disk_mb_s:,.0f} MB/s for one uncached read of one expert ({expert_bytes:,} bytes)")
     report = {"benchmark": "mole", "torch": torch.__version__, "machine": platform.machine(), "vocab": vocab,
               "new_tokens": new_tokens, "repeats": repeats, "results": results, "ratios": ratios,
+              "disk_read_mb_s": disk_mb_s, "expert_bytes": expert_bytes,
               "expected_mole_bytes_per_token": 4 * 4 * 128 * 2}
     if out is not None:
         from ..io import atomic_write_text
