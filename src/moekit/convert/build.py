@@ -1,0 +1,112 @@
+"""Building MoE layers out of a dense FFN's hidden channels.
+
+An expert is a set of the dense FFN's hidden channels: rows of ``gate``/``up`` and the same columns
+of ``down``. Partitioning (DSMoE), refactoring (Read-ME) and upcycling differ only in which sets
+they take, so they share :func:`moe_from_channels`. The dense down-projection bias is not an
+expert's: it is added once, by :class:`ConvertedFFN`, whatever the routing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..layer import FFN, MoE
+from ..routers import build_router
+from ..routing import Router
+from .ffn import DenseFFN
+
+__all__ = ["moe_from_channels", "dense_from_channels", "ConvertedFFN", "RoutingContext"]
+
+
+def _take(ffn: DenseFFN, ch: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(first [.., 2f|f, D], down [D, f], first_bias, None)`` of the channels ``ch`` (gate rows first)."""
+    up, gate = ffn.up[ch], None if ffn.gate is None else ffn.gate[ch]
+    first = up if gate is None else torch.cat([gate, up], dim=0)
+    bias = None
+    if ffn.up_bias is not None or ffn.gate_bias is not None:
+        ub = ffn.up_bias[ch] if ffn.up_bias is not None else up.new_zeros(len(ch))
+        if gate is None:
+            bias = ub
+        else:
+            gb = ffn.gate_bias[ch] if ffn.gate_bias is not None else up.new_zeros(len(ch))
+            bias = torch.cat([gb, ub])
+    return first, ffn.down[:, ch], bias
+
+
+def moe_from_channels(ffn: DenseFFN, groups: Tensor, router: Router | str, router_args: dict | None = None,
+                      shared: Tensor | None = None, check_finite: bool = False) -> MoE:
+    """An MoE whose expert ``e`` holds the hidden channels ``groups[e]`` (``[E, f]`` long) of ``ffn``
+    and, if ``shared`` is given, an always-on shared expert with those channels. Biases of ``up``/
+    ``gate`` go with their channels; the down bias is left out (see :class:`ConvertedFFN`)."""
+    E, f = groups.shape
+    bias = ffn.has_bias or ffn.gate_bias is not None
+    r = router if isinstance(router, Router) else build_router(router, **(router_args or {}))
+    moe = MoE(ffn.d_model, f, E, router=r, activation=ffn.activation,
+              shared_d_ff=None if shared is None or len(shared) == 0 else len(shared), bias=bias,
+              check_finite=check_finite).to(ffn.up.dtype)
+    with torch.no_grad():
+        ex = moe.experts
+        for e in range(E):
+            first, down, fb = _take(ffn, groups[e])
+            ex.first_proj[e].copy_(first)
+            ex.down_proj[e].copy_(down)
+            if fb is not None:
+                ex.first_bias[e].copy_(fb)
+        if ex.down_proj_bias is not None:
+            ex.down_proj_bias.zero_()
+        if moe.shared_expert is not None:
+            _fill_ffn(moe.shared_expert, ffn, shared)
+    return moe
+
+
+def _fill_ffn(dst: FFN, ffn: DenseFFN, ch: Tensor) -> None:
+    with torch.no_grad():
+        dst.up_proj.weight.copy_(ffn.up[ch])
+        dst.down_proj.weight.copy_(ffn.down[:, ch])
+        if ffn.gate is not None:
+            dst.gate_proj.weight.copy_(ffn.gate[ch])
+        if dst.up_proj.bias is not None:
+            dst.up_proj.bias.copy_(ffn.up_bias[ch] if ffn.up_bias is not None else 0)
+            dst.down_proj.bias.zero_()
+            if ffn.gate is not None:
+                dst.gate_proj.bias.copy_(ffn.gate_bias[ch] if ffn.gate_bias is not None else 0)
+
+
+def dense_from_channels(ffn: DenseFFN, channels: Tensor) -> FFN:
+    """A narrower dense moekit ``FFN`` keeping only ``channels`` (structured pruning); no down bias."""
+    out = FFN(ffn.d_model, len(channels), ffn.activation, bias=ffn.has_bias or ffn.gate_bias is not None)
+    out = out.to(ffn.up.dtype)
+    _fill_ffn(out, ffn, channels)
+    return out
+
+
+class RoutingContext:
+    """Per-forward context shared by the converted layers of one model (Read-ME's pre-gated expert ids)."""
+
+    def __init__(self) -> None:
+        self.expert_ids: Tensor | None = None
+
+
+class ConvertedFFN(nn.Module):
+    """What replaces a Hugging Face FFN: an MoE (or a pruned dense FFN) plus the dense model's down
+    bias, added once. With a :class:`RoutingContext` the MoE routes by the pre-gated expert ids."""
+
+    def __init__(self, ffn: nn.Module, out_bias: Tensor | None = None, context: RoutingContext | None = None) -> None:
+        super().__init__()
+        self.ffn = ffn
+        self.out_bias = None if out_bias is None else nn.Parameter(out_bias.detach().clone())
+        self.context = context
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.context is not None:
+            ids = self.context.expert_ids
+            if ids is None or ids.numel() != x.shape[:-1].numel():
+                raise RuntimeError(
+                    "ConvertedFFN: no pre-gated expert ids for this input; call the model on input_ids with its "
+                    "PreGate attached (moekit.convert.refactor), one whole sequence at a time"
+                )
+            y = self.ffn(x, expert_ids=ids.reshape(-1))
+        else:
+            y = self.ffn(x)
+        return y if self.out_bias is None else y + self.out_bias

@@ -1,0 +1,113 @@
+"""Saving and loading converted models: safetensors + JSON, nothing unpickled.
+
+moekit's GPT records the conversion in its own config (``GPT.save`` / ``GPT.load``). A converted
+Hugging Face model is saved as the base model's ``config.json``, ``moekit_convert.json`` (family,
+model class, method, settings and each layer's expert layout) and ``model.safetensors``; loading
+builds the base architecture from its config (no weights), puts the same converted modules in
+place and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import atomic_write, atomic_write_text
+from ..layer import FFN, MoE
+from ..routers import build_router
+from .build import ConvertedFFN, RoutingContext
+from .ffn import family_of, find_ffns
+
+__all__ = ["save", "load", "CONVERT_FILE"]
+
+CONVERT_FILE = "moekit_convert.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a converted model (from ``partition``, ``refactor``, ``upcycle`` or ``prune``) to ``path``."""
+    from safetensors.torch import save_model
+
+    from ..models import GPT
+
+    path = Path(path)
+    if isinstance(model, GPT):
+        return model.save(path)
+    info = getattr(model, "moekit_convert", None)
+    if info is None:
+        raise ValueError("moekit.convert.save: the model was not converted by moekit.convert "
+                         "(use model.save_pretrained for plain transformers models)")
+    meta = {"format": FORMAT, "class": type(model).__name__, **info}
+    atomic_write(path / WEIGHTS, lambda tmp: save_model(model, tmp))
+    atomic_write_text(path / "config.json", model.config.to_json_string())
+    atomic_write_text(path / CONVERT_FILE, json.dumps(meta, indent=1))
+    return path
+
+
+def _module_from_spec(spec: dict, d_model: int, context: RoutingContext | None) -> nn.Module:
+    if spec["kind"] == "dense":
+        inner = FFN(d_model, spec["d_ff"], spec["activation"], bias=spec.get("bias", False))
+    elif spec["kind"] == "moe":
+        inner = MoE(d_model, spec["d_ff"], spec["num_experts"],
+                    router=build_router(spec["router"], **spec.get("router_args", {})),
+                    activation=spec["activation"], shared_d_ff=spec.get("shared_d_ff"), bias=spec.get("bias", False),
+                    check_finite=False)
+    else:
+        raise ValueError(f"{CONVERT_FILE}: unknown layer kind {spec['kind']!r}")
+    out_bias = torch.zeros(d_model) if spec.get("out_bias") else None
+    return ConvertedFFN(inner, out_bias, context if spec.get("router") == "pregate" else None)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a model written by :func:`save` (moekit GPT or Hugging Face)."""
+    from safetensors.torch import load_model
+
+    from ..models import GPT
+
+    path = Path(path)
+    meta_file = path / CONVERT_FILE
+    if not meta_file.exists():
+        if (path / "config.json").exists() and (path / "model.safetensors").exists():
+            try:
+                return GPT.load(path)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}: neither a moekit GPT checkpoint nor a converted Hugging Face model "
+                                 f"({CONVERT_FILE} is missing): {e}") from None
+        raise FileNotFoundError(f"{path}: no {CONVERT_FILE} / config.json; was it written by moekit.convert.save?")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} (this moekit reads {FORMAT})")
+    import transformers
+
+    cls = getattr(transformers, meta["class"], None)
+    if cls is None:
+        raise ValueError(f"{meta_file}: transformers has no model class {meta['class']!r}")
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    model = cls(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    sites = find_ffns(model)
+    if family_of(model).name != meta["family"] or len(sites) != len(meta["layers"]):
+        raise ValueError(f"{meta_file}: the saved conversion ({meta['family']}, {len(meta['layers'])} FFNs) does not "
+                         f"match the model built from config.json ({family_of(model).name}, {len(sites)} FFNs)")
+    context = None
+    if meta.get("pregate"):
+        from ..routers.pregate import PreGate
+        from .refactor import attach_pregate
+
+        context = RoutingContext()
+    for site, spec in zip(sites, meta["layers"]):
+        site.install(_module_from_spec(spec, site.read().d_model, context))
+    if context is not None:
+        attach_pregate(model, PreGate(**meta["pregate"]), context)
+    try:
+        load_model(model, str(path / WEIGHTS), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path / WEIGHTS}: weights do not match {CONVERT_FILE} ({str(e).splitlines()[0]})") from None
+    model.moekit_convert = {k: v for k, v in meta.items() if k not in ("format", "class")}
+    return model.eval()
