@@ -116,8 +116,8 @@ def test_patch_hf_model_logits_training_and_save_load(kind, tmp_path):
     patch_hf_model(model)
     layers = [m for m in model.modules() if isinstance(m, moekit.MoE)]
     assert len(layers) == 2
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref, atol=0, rtol=0)
+    with torch.no_grad():  # same math; transformers' summation order may differ in the last bit
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-6, rtol=1e-5)
 
     # trains with moekit.aux_loss
     model.train()

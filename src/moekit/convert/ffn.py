@@ -227,7 +227,7 @@ def _gpt_sites(model: nn.Module) -> list[FFNSite]:
     for i, block in enumerate(model.blocks):
         ffn = block.ffn
 
-        def read(ffn=ffn) -> DenseFFN:
+        def read(ffn=ffn, i=i) -> DenseFFN:
             if not isinstance(ffn, FFN):
                 raise ValueError(f"moekit.convert: layer {i} of the GPT is not a dense FFN ({type(ffn).__name__})")
             return DenseFFN(up=_w(ffn.up_proj.weight), down=_w(ffn.down_proj.weight), activation=ffn.activation,
