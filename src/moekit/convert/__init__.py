@@ -13,6 +13,7 @@ Hugging Face sparse-MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): ``from_hf
 
 from .build import ConvertedFFN, RoutingContext
 from .ffn import DenseFFN, Family, FFNSite, find_ffns, register_family, supported_families
+from .fit import fit_routers
 from .hf import from_hf, patch_hf_model, supported_blocks, to_hf, unpatch_hf_model
 from .partition import (
     active_fraction,
@@ -25,8 +26,11 @@ from .partition import (
     prune,
     upcycle,
 )
+from .refactor import attach_pregate, refactor, tune
+from .saving import load, save
 
 __all__ = ["from_hf", "to_hf", "patch_hf_model", "unpatch_hf_model", "supported_blocks", "partition_ffn",
            "moe_from_ffn", "partition", "upcycle", "prune", "contiguous_groups", "cluster_groups",
            "channel_importance", "active_fraction", "DenseFFN", "Family", "FFNSite", "find_ffns",
-           "register_family", "supported_families", "ConvertedFFN", "RoutingContext"]
+           "register_family", "supported_families", "ConvertedFFN", "RoutingContext", "fit_routers", "refactor",
+           "tune", "attach_pregate", "save", "load"]

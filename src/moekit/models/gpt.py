@@ -47,6 +47,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    #: Read-ME pre-gating router (``moekit.routers.PreGate`` arguments without the vocabulary size):
+    #: layers whose router is ``"pregate"`` take the expert it picks from the token ids
+    pregate: dict | None = None
     extra: dict = field(default_factory=dict)  # free-form metadata (e.g. tokenizer key), compared on load
 
     def __post_init__(self) -> None:
@@ -178,7 +181,7 @@ class Block(nn.Module):
         return tuple(getattr(self.ffn, "context_keys", gate.context_keys if isinstance(gate, Router) else ()))
 
     def forward(self, x: Tensor, rope: Rotary, token_ids: Tensor, embeddings: Tensor,
-                cache: dict | None = None) -> Tensor:
+                cache: dict | None = None, expert_ids: Tensor | None = None) -> Tensor:
         keys = self.context_keys
         a, importance = self.attn(self.attn_norm(x), rope, cache, want_importance="importance" in keys)
         x = x + a
@@ -193,8 +196,14 @@ class Block(nn.Module):
                 context[k] = embeddings
             elif k == "importance":
                 context[k] = importance.reshape(-1)
+            elif k == "expert_ids":
+                if expert_ids is None:
+                    raise ValueError("this layer routes by pre-gated expert ids, but the GPT has no PreGate "
+                                     "(set GPTConfig.pregate, or convert with moekit.convert.refactor)")
+                context[k] = expert_ids.reshape(-1)
             else:
-                raise ValueError(f"GPT cannot provide the context {k!r}; it provides token_ids, embeddings, importance")
+                raise ValueError(f"GPT cannot provide the context {k!r}; it provides token_ids, embeddings, "
+                                 "importance, expert_ids")
         return x + self.ffn(h, **context)
 
 
@@ -209,12 +218,20 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.rope = Rotary(config.d_model // config.n_heads, config.max_seq_len, config.rope_theta)
+        self.pregate = None
+        if config.pregate:
+            from ..routers.pregate import PreGate
+
+            self.pregate = PreGate(config.vocab_size, **config.pregate)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, 0.02), residual projections scaled by 1/sqrt(2L). Routers keep their own init."""
+        """GPT-2 style: N(0, 0.02), residual projections scaled by 1/sqrt(2L). Routers (and the
+        PreGate) keep their own init."""
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
         in_router = {id(p) for m in self.modules() if isinstance(m, Router) for p in m.parameters()}
+        if self.pregate is not None:
+            in_router |= {id(p) for p in self.pregate.parameters()}
         for name, p in self.named_parameters():
             if id(p) in in_router or p.dim() < 2:
                 continue
@@ -231,8 +248,11 @@ class GPT(nn.Module):
                 f"[{int(ids_BT.min())}, {int(ids_BT.max())}]; is the tokenizer the one this model was built for?"
             )
         x = emb = self.embed(ids_BT)
+        expert_ids = None
+        if self.pregate is not None:  # Read-ME: every layer's expert is decided before the backbone runs
+            expert_ids = self.pregate.route(ids_BT, None if caches is None else caches[0].setdefault("pregate", {}))
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope, ids_BT, emb, None if caches is None else caches[i])
+            x = block(x, self.rope, ids_BT, emb, None if caches is None else caches[i], expert_ids)
         return self.head(self.norm(x))
 
     def loss(self, ids_BT: Tensor, targets_BT: Tensor) -> Tensor:

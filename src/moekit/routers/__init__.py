@@ -5,6 +5,7 @@ from ._registry import available_routers, build_router, register_router
 from .dselect import DSelectK
 from .dynamic_k import DynamicK
 from .expert_choice import ExpertChoice
+from .pregate import PreGate, PreGated
 from .sigmoid_ste import SigmoidSTE
 from .softmax import Softmax
 from .topk import TopK
@@ -18,6 +19,8 @@ __all__ = [
     "DSelectK",
     "SigmoidSTE",
     "DynamicK",
+    "PreGate",
+    "PreGated",
     "available_routers",
     "build_router",
     "register_router",
