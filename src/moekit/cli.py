@@ -66,7 +66,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPERIMENTS = {"dselect": "dselect", "dsmoe": "dsmoe", "dynamic-k": "dynamic_k"}
+EXPERIMENTS = {"dselect": "dselect", "dsmoe": "dsmoe", "dynamic-k": "dynamic_k", "convert-gpt": "convert_gpt",
+               "convert-minilm": "convert_minilm"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -166,7 +166,11 @@ def base_config(s: DemoSettings, vocab_size: int) -> GPTConfig:
 
 EXPERIMENTS = {"dselect": ("DSelect-k in multi-task learning", "dselect", "dselect.png"),
                "dsmoe": ("DSMoE: sigmoid gates with STE", "dsmoe", "dsmoe.png"),
-               "dynamic-k": ("DA-MoE: dynamic K from importance", "dynamic_k", "dynamic_k.png")}
+               "dynamic-k": ("DA-MoE: dynamic K from importance", "dynamic_k", "dynamic_k.png"),
+               "convert-gpt": ("Dense to MoE: DSMoE partition and Read-ME refactor of the demo GPT vs pruning",
+                               "convert_gpt", "convert_gpt.png"),
+               "convert-minilm": ("Dense to MoE on a real pre-trained model: MiniLM partitioned vs pruned",
+                                  "convert_minilm", "convert_minilm.png")}
 
 
 COMMITTED_EXPERIMENTS = Path("docs/experiments")  # the latest results, kept in the repository
