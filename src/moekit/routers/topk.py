@@ -60,6 +60,8 @@ class TopK(LinearRouter):
         balance: coefficient of the Switch/GShard load-balancing loss (``losses["balance"]``).
         z_loss: coefficient of the router z-loss (``losses["z_loss"]``).
         jitter: multiplicative uniform noise ``U(1-j, 1+j)`` on the router input in training.
+        scale: multiply the combine weights (DeepSeek's routed scaling factor; ``scale=k`` with
+            ``renormalize=True`` gives experts cut from one dense FFN their dense magnitude back).
 
     Losses are produced in training mode only.
     """
@@ -72,6 +74,7 @@ class TopK(LinearRouter):
         balance: float = 0.01,
         z_loss: float = 0.001,
         jitter: float = 0.0,
+        scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_number("k", k, lo=1, integer=True, owner="TopK")
@@ -80,7 +83,9 @@ class TopK(LinearRouter):
         check_number("balance", balance, lo=0, owner="TopK")
         check_number("z_loss", z_loss, lo=0, owner="TopK")
         check_number("jitter", jitter, lo=0, hi=1, owner="TopK")
+        check_number("scale", scale, lo=0, lo_open=True, owner="TopK")
         self.k = k
+        self.scale = scale
         self.renormalize = bool(renormalize)
         self.capacity_factor = capacity_factor
         self.balance = balance
@@ -91,6 +96,7 @@ class TopK(LinearRouter):
         return (
             f"k={self.k}, renormalize={self.renormalize}, capacity_factor={self.capacity_factor}, "
             f"balance={self.balance}, z_loss={self.z_loss}, jitter={self.jitter}"
+            + (f", scale={self.scale}" if self.scale != 1.0 else "")
         )
 
     def check_num_experts(self, num_experts: int) -> None:
@@ -112,6 +118,8 @@ class TopK(LinearRouter):
         top_p_TK, top_i_TK = torch.topk(probs_TE, self.k, dim=-1)
         if self.renormalize:
             top_p_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True)
+        if self.scale != 1.0:
+            top_p_TK = top_p_TK * self.scale
         routing = Routing.from_topk(top_i_TK, top_p_TK, self.num_experts, logits=logits_TE, requested=T * self.k)
         if self.training:
             if self.balance:
