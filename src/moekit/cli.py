@@ -57,6 +57,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert.cli import convert_from_args
+
+    convert_from_args(args)
+    return 0
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     import importlib
 
@@ -102,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
+
+    from .convert.cli import add_convert_arguments
+
+    conv = sub.add_parser(
+        "convert", help="turn a dense model (moekit GPT or Hugging Face) into an MoE: partition, refactor, upcycle",
+        description="Dense to MoE: partition (DSMoE: the FFN cut into experts, SigmoidSTE router), refactor "
+        "(Read-ME: per-domain channel masks, a residual expert and a pre-gating router trained by distillation), "
+        "upcycle (copies of the FFN and a fresh router) or prune (the structured-pruning baseline). Calibration "
+        "and tuning text come from --data; the result is saved with moekit.convert.save.",
+    )
+    add_convert_arguments(conv)
+    conv.set_defaults(func=_cmd_convert)
 
     exp = sub.add_parser(
         "experiment", help="check a method against its paper (table, JSON, PNG)",

@@ -63,20 +63,20 @@ def cluster_groups(features: Tensor, num_experts: int, iters: int = 25, seed: in
     assign = torch.full((F,), -1, dtype=torch.long)
     for _ in range(iters):
         sim = x @ c.T  # [F, E]
-        order = torch.argsort(sim.reshape(-1), descending=True)
-        new = torch.full((F,), -1, dtype=torch.long)
-        room = torch.full((num_experts,), size, dtype=torch.long)
-        left = F
-        for flat in order.tolist():
+        order = torch.argsort(sim.reshape(-1), descending=True).tolist()
+        new, room, left = [-1] * F, [size] * num_experts, F
+        for flat in order:  # plain Python lists: this loop visits up to F * E pairs
             ch, e = divmod(flat, num_experts)
             if new[ch] < 0 and room[e] > 0:
-                new[ch], room[e] = e, room[e] - 1
+                new[ch] = e
+                room[e] -= 1
                 left -= 1
                 if left == 0:
                     break
-        if torch.equal(new, assign):
+        new_t = torch.tensor(new)
+        if torch.equal(new_t, assign):
             break
-        assign = new
+        assign = new_t
         c = torch.stack([nn.functional.normalize(x[assign == e].mean(0), dim=0) for e in range(num_experts)])
     return torch.stack([torch.nonzero(assign == e).squeeze(1) for e in range(num_experts)])
 
@@ -121,7 +121,8 @@ def _calibration(calibration, min_tokens: int, who: str) -> list:
 
 @torch.no_grad()
 def channel_importance(model: nn.Module, calibration, run: Callable | None = None,
-                       min_tokens: int = MIN_CALIBRATION_TOKENS, max_samples: int = 0) -> tuple[list[Tensor], list[Tensor]]:
+                       min_tokens: int = MIN_CALIBRATION_TOKENS, max_samples: int = 0,
+                       progress: bool = False) -> tuple[list[Tensor], list[Tensor]]:
     """Per FFN: mean ``|h|`` of each hidden channel over the calibration tokens (``h`` = the down
     projection's input, as Read-ME's code measures it), and, if ``max_samples > 0``, ``|h|`` of up to
     that many tokens ``[F, samples]`` (co-activation features for clustering)."""
@@ -140,7 +141,10 @@ def channel_importance(model: nn.Module, calibration, run: Callable | None = Non
     was = model.training
     model.eval()
     try:
-        n = collect_hidden(model, sites, batches, run or default_run, reduce)
+        from rich.progress import track
+
+        n = collect_hidden(model, sites, track(batches, description="calibration", disable=not progress,
+                                               transient=True), run or default_run, reduce)
     finally:
         model.train(was)
     means = [s / n for s in sums]
@@ -153,8 +157,9 @@ def channel_importance(model: nn.Module, calibration, run: Callable | None = Non
 
 def _apply(model: nn.Module, method: str, settings: dict,
            build: Callable[[FFNSite, DenseFFN], tuple[nn.Module, dict]]) -> nn.Module:
-    """A copy of ``model`` with every FFN replaced by ``build(site, ffn) -> (module, gpt_spec)``; records
-    the method, its settings and the per-layer specs (for saving and loading) in ``model.moekit_convert``."""
+    """A copy of ``model`` with every FFN replaced by ``build(site, ffn) -> (module, spec)``; records
+    the method, its settings and the per-layer specs (for saving and loading, with each layer's
+    channel groups) in ``model.moekit_convert``; a GPT's config gets the specs without the groups."""
     family = family_of(model)
     new = copy.deepcopy(model)
     specs = []
@@ -172,7 +177,7 @@ def _apply(model: nn.Module, method: str, settings: dict,
         from dataclasses import replace
 
         extra = {**new.config.extra, "convert": {"method": method, **settings}}
-        new.config = replace(new.config, ffn=specs, extra=extra)
+        new.config = replace(new.config, ffn=[_gpt_spec(s) for s in specs], extra=extra)
     new.moekit_convert = {"family": family.name, "method": method, "settings": settings, "layers": specs}
     return new
 
@@ -186,7 +191,8 @@ def _router_spec(router: str | Router, router_args: dict | None) -> tuple[str, d
 
 def partition(model: nn.Module, num_experts: int, router: str = "sigmoid_ste", router_args: dict | None = None,
               grouping: str = "contiguous", features: str = "weights", calibration=None, run: Callable | None = None,
-              seed: int = 0, min_tokens: int = MIN_CALIBRATION_TOKENS, max_samples: int = 2048) -> nn.Module:
+              seed: int = 0, min_tokens: int = MIN_CALIBRATION_TOKENS, max_samples: int = 2048,
+              progress: bool = False) -> nn.Module:
     """DSMoE: cut every FFN's hidden channels into ``num_experts`` experts of equal width.
 
     ``grouping="contiguous"`` takes blocks (the paper); ``"cluster"`` takes balanced clusters of
@@ -206,7 +212,7 @@ def partition(model: nn.Module, num_experts: int, router: str = "sigmoid_ste", r
         _check_divides(s.read().d_ff, num_experts, "partition")
     feats = None
     if grouping == "cluster" and features == "activations":
-        _, feats = channel_importance(model, calibration, run, min_tokens, max_samples)
+        _, feats = channel_importance(model, calibration, run, min_tokens, max_samples, progress)
 
     def build(site: FFNSite, ffn: DenseFFN):
         if grouping == "contiguous":
@@ -217,7 +223,7 @@ def partition(model: nn.Module, num_experts: int, router: str = "sigmoid_ste", r
             groups = cluster_groups(f, num_experts, seed=seed)
         spec = {"kind": "moe", "num_experts": num_experts, "d_ff": ffn.d_ff // num_experts, "router": router,
                 "router_args": router_args, "activation": ffn.activation, **_bias_flags(ffn), "groups": groups.tolist()}
-        return moe_from_channels(ffn, groups, router, router_args), _gpt_spec(spec)
+        return moe_from_channels(ffn, groups, router, router_args), spec
 
     return _apply(model, "partition", {"num_experts": num_experts, "router": router, "router_args": router_args,
                                        "grouping": grouping, "features": features, "seed": seed}, build)
@@ -238,20 +244,20 @@ def upcycle(model: nn.Module, num_experts: int, k: int = 2, router: str = "topk"
         groups = torch.arange(f).repeat(num_experts, 1)
         spec = {"kind": "moe", "num_experts": num_experts, "d_ff": f, "router": router, "router_args": router_args,
                 "activation": ffn.activation, **_bias_flags(ffn)}
-        return moe_from_channels(ffn, groups, router, router_args), _gpt_spec(spec)
+        return moe_from_channels(ffn, groups, router, router_args), spec
 
     return _apply(model, "upcycle", {"num_experts": num_experts, "router": router, "router_args": router_args,
                                      "expert_d_ff": expert_d_ff}, build)
 
 
 def prune(model: nn.Module, keep: float, calibration=None, run: Callable | None = None,
-          min_tokens: int = MIN_CALIBRATION_TOKENS) -> nn.Module:
+          min_tokens: int = MIN_CALIBRATION_TOKENS, progress: bool = False) -> nn.Module:
     """Structured pruning, the baseline at equal active size: keep the ``keep`` fraction of each FFN's
     hidden channels with the largest mean ``|h|`` on the calibration tokens (or, without calibration,
     the largest ``||up_c|| * ||down_c||`` weight magnitude)."""
-    if not 0 < keep <= 1:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise ValueError(f"prune: keep must lie in (0, 1], got {keep!r}")
-    imp = channel_importance(model, calibration, run, min_tokens)[0] if calibration is not None else None
+    imp = channel_importance(model, calibration, run, min_tokens, progress=progress)[0] if calibration is not None else None
 
     def build(site: FFNSite, ffn: DenseFFN):
         score = imp[site.layer] if imp is not None else ffn.up.norm(dim=1) * ffn.down.norm(dim=0) * (
@@ -260,7 +266,7 @@ def prune(model: nn.Module, keep: float, calibration=None, run: Callable | None 
         channels = torch.sort(torch.topk(score, n).indices).values
         spec = {"kind": "dense", "d_ff": n, "activation": ffn.activation, **_bias_flags(ffn),
                 "channels": channels.tolist()}
-        return dense_from_channels(ffn, channels), _gpt_spec(spec)
+        return dense_from_channels(ffn, channels), spec
 
     return _apply(model, "prune", {"keep": keep, "score": "activation" if imp is not None else "weight"}, build)
 
@@ -311,14 +317,16 @@ def partition_gpt(model, num_experts: int, router: str, router_args: dict | None
     return partition(model, num_experts, router, router_args)
 
 
-def active_fraction(model: nn.Module) -> float:
+def active_fraction(model: nn.Module, dense_d_ff: int | None = None) -> float:
     """Mean fraction of the FFN hidden channels computed per token in the last forward of a
-    partitioned or refactored model (a shared expert counts in full)."""
+    partitioned or refactored model (a shared expert counts in full), relative to ``dense_d_ff``
+    (the dense FFN's width; default: the layer's own total, right for partitions, whose experts
+    add up to the dense FFN)."""
     fr = []
     for m in model.modules():
         if isinstance(m, MoE) and m.last_routing is not None:
             r = m.last_routing
             n = int((r.weight.detach() != 0).sum()) / max(r.num_tokens, 1)
             shared = m.shared_expert.down_proj.in_features if m.shared_expert is not None else 0
-            fr.append((shared + n * m.d_ff) / (shared + m.num_experts * m.d_ff))
+            fr.append((shared + n * m.d_ff) / (dense_d_ff or shared + m.num_experts * m.d_ff))
     return sum(fr) / len(fr) if fr else math.nan

@@ -88,7 +88,8 @@ def pregate_of(model: nn.Module) -> PreGate:
 
 
 def refactor(model: nn.Module, domains: dict[str, Tensor], keep: float = 0.5, pregate: dict | None = None,
-             run: Callable | None = None, min_tokens: int = MIN_CALIBRATION_TOKENS, seed: int = 0) -> nn.Module:
+             run: Callable | None = None, min_tokens: int = MIN_CALIBRATION_TOKENS, seed: int = 0,
+             progress: bool = False) -> nn.Module:
     """Read-ME: a converted copy of ``model`` with one always-on residual expert plus one expert per
     domain in every FFN, and a :class:`PreGate` (arguments ``pregate``: d_model, n_heads, d_ff...)
     choosing each token's expert for all layers. ``domains`` maps a domain name to its calibration
@@ -99,7 +100,7 @@ def refactor(model: nn.Module, domains: dict[str, Tensor], keep: float = 0.5, pr
         raise ValueError(f"refactor: keep must lie in (0, 1), got {keep!r}")
     family = family_of(model)
     names = list(domains)
-    imps = {n: channel_importance(model, domains[n], run, min_tokens)[0] for n in names}
+    imps = {n: channel_importance(model, domains[n], run, min_tokens, progress=progress)[0] for n in names}
     E = len(names)
     vocab = _embedding_weight(model).shape[0]
     torch.manual_seed(seed)

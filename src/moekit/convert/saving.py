@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,34 +64,47 @@ def _module_from_spec(spec: dict, d_model: int, context: RoutingContext | None) 
     return ConvertedFFN(inner, out_bias, context if spec.get("router") == "pregate" else None)
 
 
+@contextmanager
+def _readable_weights(weights: Path):
+    """Turn safetensors' own error for a truncated or corrupt file into a ValueError naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a model written by :func:`save` (moekit GPT or Hugging Face)."""
     from safetensors.torch import load_model
 
     from ..models import GPT
+    from ..models.gpt import read_config
 
     path = Path(path)
     meta_file = path / CONVERT_FILE
     if not meta_file.exists():
-        if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        if (path / "config.json").exists():
             try:
-                return GPT.load(path)
+                model = GPT(read_config(path))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{path}: neither a moekit GPT checkpoint nor a converted Hugging Face model "
                                  f"({CONVERT_FILE} is missing): {e}") from None
+            with _readable_weights(path / WEIGHTS):
+                model.load_weights(path)
+            return (model if dtype is None else model.to(dtype)).eval()
         raise FileNotFoundError(f"{path}: no {CONVERT_FILE} / config.json; was it written by moekit.convert.save?")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} (this moekit reads {FORMAT})")
     import transformers
 
-    cls = getattr(transformers, meta["class"], None)
-    if cls is None:
-        raise ValueError(f"{meta_file}: transformers has no model class {meta['class']!r}")
+    cls = getattr(transformers, str(meta.get("class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{meta_file}: {meta.get('class')!r} is not a transformers model class")
     config = transformers.AutoConfig.from_pretrained(str(path))
     model = cls(config)
-    if dtype is not None:
-        model = model.to(dtype)
     sites = find_ffns(model)
     if family_of(model).name != meta["family"] or len(sites) != len(meta["layers"]):
         raise ValueError(f"{meta_file}: the saved conversion ({meta['family']}, {len(meta['layers'])} FFNs) does not "
@@ -105,9 +119,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
         site.install(_module_from_spec(spec, site.read().d_model, context))
     if context is not None:
         attach_pregate(model, PreGate(**meta["pregate"]), context)
+    if dtype is not None:  # after the converted modules are in place, so that they are cast too
+        model = model.to(dtype)
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: missing; was the model written by moekit.convert.save?")
     try:
-        load_model(model, str(path / WEIGHTS), strict=True)
+        with _readable_weights(weights):
+            load_model(model, str(weights), strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path / WEIGHTS}: weights do not match {CONVERT_FILE} ({str(e).splitlines()[0]})") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
+        raise ValueError(f"{weights}: weights do not match {CONVERT_FILE} ({detail[:500]})") from None
     model.moekit_convert = {k: v for k, v in meta.items() if k not in ("format", "class")}
     return model.eval()
