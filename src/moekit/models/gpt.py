@@ -111,6 +111,21 @@ class Rotary(nn.Module):
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+def rotate_and_cache(q: Tensor, k: Tensor, v: Tensor, rope: Rotary, cache: dict | None):
+    """RoPE at the cache's offset, append to the KV cache, and the causal mask (``None`` for one query):
+    ``(q, k, v, mask, offset)`` with ``k``/``v`` covering the whole sequence so far."""
+    T = q.shape[-2]
+    offset = 0 if cache is None or "k" not in cache else cache["k"].shape[-2]
+    q, k = rope(q, offset), rope(k, offset)
+    if cache is not None:
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=-2), torch.cat([cache["v"], v], dim=-2)
+        cache["k"], cache["v"] = k, v
+    S = k.shape[-2]
+    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    return q, k, v, mask, offset
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -122,14 +137,8 @@ class Attention(nn.Module):
                 want_importance: bool = False) -> tuple[Tensor, Tensor | None]:
         B, T, D = x_BTD.shape
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        offset = 0 if cache is None or "k" not in cache else cache["k"].shape[-2]
-        q, k = rope(q, offset), rope(k, offset)
-        if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=-2), torch.cat([cache["v"], v], dim=-2)
-            cache["k"], cache["v"] = k, v
+        q, k, v, mask, offset = rotate_and_cache(q, k, v, rope, cache)
         S = k.shape[-2]
-        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)
         importance = None
         if want_importance:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)

@@ -70,18 +70,13 @@ class PreGate(nn.Module):
 
     def forward(self, ids_BT: Tensor, cache: dict | None = None) -> Tensor:
         """Router logits ``[B, T, E]`` (fp32). ``cache`` (a dict) enables incremental decoding."""
+        from ..models.gpt import rotate_and_cache
+
         B, T = ids_BT.shape
         x = self.embed(ids_BT)
         H, K = self.n_heads, x.shape[-1] // self.n_heads
         q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)
-        offset = 0 if cache is None or "k" not in cache else cache["k"].shape[-2]
-        q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=-2), torch.cat([cache["v"], v], dim=-2)
-            cache["k"], cache["v"] = k, v
-        S = k.shape[-2]
-        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        q, k, v, mask, _ = rotate_and_cache(q, k, v, self.rope, cache)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale)
         x = x + self.o_proj(a.transpose(1, 2).reshape(B, T, -1))
         x = x + self.proj_2(F.silu(self.proj_1(self.mlp_norm(x))))
