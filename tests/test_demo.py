@@ -26,6 +26,16 @@ def test_quick_demo_writes_report_and_figures(tmp_path):
     assert mole["resident_mb"] < moe["resident_mb"] and mole["offloaded_mb"] > 0
     assert set(mole["mole_tables"]) == {"float16", "int8", "nf4"}
     assert "MoLE lookup tables" in report
+    # the report is written again from results.json and the committed experiments, without training
+    (tmp_path / "report.md").unlink()
+    assert main(["demo", "--out", str(tmp_path), "--report-only", "--experiments", str(tmp_path / "none")]) == 0
+    again = (tmp_path / "report.md").read_text()
+    assert "| moe-top2 |" in again and "Experiments against the papers" in again
+
+
+def test_report_only_needs_a_finished_demo(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `moekit demo"):
+        main(["demo", "--out", str(tmp_path), "--report-only"])
 
 
 def test_demo_rejects_unknown_variant(tmp_path):

@@ -43,8 +43,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import rerender_report, run_demo
 
+    if args.report_only:
+        print(f"report: {rerender_report(args.out, args.experiments)}")
+        return 0
     run_demo(out=args.out, quick=args.quick, minutes=args.minutes, data=args.data, seed=args.seed,
              variants=args.variants, experiments_dir=args.experiments)
     return 0
@@ -98,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--variants", nargs="+", default=None, help="train only these variants")
     demo.add_argument("--experiments", default="runs/experiments",
                       help="folder of `moekit experiment` results to include in the report")
+    demo.add_argument("--report-only", action="store_true",
+                      help="no training: write report.md again from --out's results.json and the latest experiments")
     demo.set_defaults(func=_cmd_demo)
 
     from .train.cli import add_train_arguments

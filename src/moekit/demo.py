@@ -311,6 +311,18 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
     return summary
 
 
+def rerender_report(out: str | os.PathLike = "runs/demo",
+                    experiments_dir: str | os.PathLike | None = "runs/experiments") -> Path:
+    """Write ``out/report.md`` again from the demo's ``results.json`` and the latest experiment results
+    (no training): for when an experiment was run after the demo."""
+    out = Path(out)
+    res = out / "results.json"
+    if not res.exists():
+        raise FileNotFoundError(f"{res}: missing; run `moekit demo --out {out}` first")
+    summary = json.loads(res.read_text())
+    return atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out)))
+
+
 def results_table(results: list[dict]) -> str:
     langs = sorted({lang for r in results for lang in r["ppl_by_language"]})
     header = ["variant", "params (total / active)", "resident MB", "on disk MB", "val ppl", *[f"ppl {lang}" for lang in langs],

@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from ..convert import active_fraction, fit_routers, partition, prune, refactor, 
 from ..io import atomic_write_text
 from ..models import GPT
 from ..train import TrainConfig, Trainer, evaluate
-from ._lm import base_config, corpus, settings
+from ._lm import base_config, settings
 
 E = 8
 LANGS = ("en", "fr", "es")
@@ -78,9 +79,13 @@ def run(out: str | os.PathLike = "runs/experiments/convert-gpt", seeds: int = 1,
     console = Console()
     t0 = time.perf_counter()
     s, _ = settings(quick)
-    pre_steps, ft_steps, ft_lr = (30, 16, 3e-4) if quick else (300, 150, 3e-4)
+    if not quick:  # the demo's width, half its depth and context, a 2048-token vocabulary: ~15 min on 2 cores
+        s = replace(s, vocab_size=2048, n_layers=2, seq_len=64)
+    pre_steps, ft_steps, ft_lr = (30, 16, 3e-4) if quick else (200, 100, 3e-4)
     router_steps = 4 if quick else 30
-    train, val, tok = corpus(quick, console)
+    from ..demo import prepare_corpus
+
+    train, val, tok = prepare_corpus(s, None, console)
     eval_chunks = 48 if quick else 256
     torch.manual_seed(0)
     dense = GPT(base_config(s, tok.get_vocab_size()))
