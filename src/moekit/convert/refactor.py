@@ -227,7 +227,9 @@ def tune(model: nn.Module, batches: Callable[[int], tuple[Tensor, Tensor]], roun
     from ..layer import aux_loss
 
     gate = pregate_of(model)
-    backbone = [p for n, p in model.named_parameters() if not any(p is q for q in gate.parameters())]
+    gate_ids = {id(p) for p in gate.parameters()}
+    trainable = {id(p): p.requires_grad for p in model.parameters()}  # restored at the end
+    backbone = [p for p in model.parameters() if id(p) not in gate_ids and p.requires_grad]
     lm_loss = lm_loss or (lambda m, x, y: m.loss(x, y))
     history: list[dict] = []
     step = 0
@@ -270,6 +272,6 @@ def tune(model: nn.Module, batches: Callable[[int], tuple[Tensor, Tensor]], roun
                     bar.update(task, advance=1, description=f"Read-ME round {r + 1}/{rounds} {phase} "
                                                             f"loss {rec['loss']:.3f}")
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(trainable[id(p)])
     model.eval()
     return history

@@ -1,7 +1,8 @@
 """`moekit experiment convert-gpt`: dense -> MoE on the demo's GPT, against structured pruning.
 
-The demo's dense GPT is pre-trained once; every variant then starts from it and is fine-tuned for
-the same LM steps on the same batches:
+The demo's dense GPT (width 128, 2 layers, context 64, 2048-token vocabulary, to fit 2 cores) is
+pre-trained once; every variant then starts from it and is fine-tuned for the same number of LM
+steps (the same batches, except Read-ME, which draws its own between its router rounds):
 
 - structured pruning: keep the FFN channels with the largest mean |activation| (50%, and the
   fraction DSMoE ends up using);
@@ -182,8 +183,16 @@ def plot(result: dict, path) -> None:
     ax[0].legend(fontsize=6)
     for i, row in enumerate(result["summary"]):
         rs = [r for r in result["runs"] if r["variant"] == row["variant"] and r["seed"] == 0]
-        hist = [h for h in rs[0]["history"] if h.get("phase", "experts") == "experts"] if rs else []
-        ax[1].plot(range(len(hist)), [h["loss"] for h in hist], color=f"C{i}", lw=1, label=row["variant"])
+        if not rs:
+            continue
+        hist = rs[0]["history"]
+        if any("phase" in h for h in hist):  # Read-ME logs every step of both phases: mean of 5 LM steps
+            lm = [h["loss"] for h in hist if h["phase"] == "experts"]
+            xs = list(range(5, len(lm) + 1, 5))
+            ys = [sum(lm[x - 5 : x]) / 5 for x in xs]
+        else:
+            xs, ys = [h["step"] for h in hist], [h["loss"] for h in hist]
+        ax[1].plot(xs, ys, color=f"C{i}", lw=1, label=row["variant"])
     ax[1].set_xlabel("LM fine-tuning step")
     ax[1].set_ylabel("training loss")
     ax[1].set_title("fine-tuning (seed 0)", fontsize=9)
@@ -200,8 +209,8 @@ def report_markdown(result: dict) -> str:
             for r in result["summary"]]
     return "\n".join([
         f"The demo's dense GPT pre-trained {result['pretrain_steps']} steps (val ppl {result['pretrained_ppl']:.1f}), "
-        f"converted, then {result['steps']} LM fine-tuning steps per variant on the same batches (Read-ME: the same "
-        f"LM steps in 2 expert rounds, plus {result['router_steps']} PreGate distillation steps per round). Papers: "
+        f"converted, then {result['steps']} LM fine-tuning steps per variant (Read-ME: the same number of LM steps in "
+        f"2 expert rounds, plus {result['router_steps']} PreGate distillation steps per round). Papers: "
         "DSMoE beats pruning at equal activated parameters (LLaMA-1B PPL 7.41 vs 7.46-7.51); Read-ME beats a pruned "
         "dense model of the same active size (MMLU 38.9 vs 27.1); Read-ME tokens keep the previous token's expert "
         "2921 of 4096 times (71%).",
