@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moekit-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo demo-quick bench experiments lint clean
+.PHONY: test demo demo-quick bench experiments experiments-convert lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ experiments: $(STAMP)
 	$(VENV)/bin/moekit experiment dselect
 	$(VENV)/bin/moekit experiment dsmoe
 	$(VENV)/bin/moekit experiment dynamic-k
+
+# dense -> MoE conversion: the pre-trained MiniLM (about 7 minutes) and the demo GPT (about 30 minutes)
+experiments-convert: $(STAMP)
+	$(VENV)/bin/moekit experiment convert-minilm
+	$(VENV)/bin/moekit experiment convert-gpt
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
