@@ -25,6 +25,49 @@ def _cmd_bench_mole(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_offload(args: argparse.Namespace) -> int:
+    from .bench.offload import run_offload_bench
+
+    run_offload_bench(out=args.out, model_path=args.model, sequences=args.sequences, serve_tokens=args.serve_tokens,
+                      train_steps=args.train_steps, quick=args.quick)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .offload.engine import Engine, find_tokenizer, parse_budget
+
+    tokenizer = None
+    if args.tokenizer:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+    if args.offload:
+        engine = Engine(args.model, args.store, parse_budget(args.budget), tokenizer, policy=args.policy,
+                        partition=args.partition, prefetch=None if args.prefetch == "none" else args.prefetch,
+                        low_threshold=args.low_threshold)
+        print(args.prompt + engine.generate(args.prompt, args.max_new_tokens, args.temperature, args.seed))
+        st = engine.stats()
+        engine.close()
+        print(f"[{st.tokens} tokens; experts in RAM {st.resident_bytes / 2**20:.1f} MiB of "
+              f"{engine.server.store.total_bytes() / 2**20:.1f} MiB; hit rate {st.hit_rate:.1%}; "
+              f"{st.bytes_per_token / 2**10:,.0f} KiB read per token; {st.low_bit} misses served int8]", file=sys.stderr)
+        return 0
+    from .models import GPT
+
+    model = GPT.load(args.model).eval()
+    tokenizer = tokenizer or find_tokenizer(args.model)
+    if tokenizer is None:
+        raise SystemExit(f"moekit generate: no tokenizer.json in {args.model} or its parent; pass --tokenizer")
+    ids = torch.tensor([tokenizer.encode(args.prompt).ids])
+    gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    with torch.no_grad():
+        out = model.generate(ids, args.max_new_tokens, args.temperature, gen)
+    print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -137,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quick", action="store_true", help="small data and few epochs (smoke test)")
     exp.set_defaults(func=_cmd_experiment)
 
+    gen = sub.add_parser(
+        "generate", help="continue a prompt with a saved moekit GPT, optionally with its experts on disk",
+        description="Greedy (or sampled) continuation of --prompt. With --offload the experts stay on disk in an "
+        "expert store (written beside the model on first use) and a cache of --budget holds the ones in use.",
+    )
+    gen.add_argument("--model", required=True, help="a folder written by GPT.save (moekit train / moekit demo)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the model)")
+    gen.add_argument("--offload", action="store_true", help="serve the experts from disk through a cache")
+    gen.add_argument("--store", default=None, help="expert store folder (default: MODEL/experts)")
+    gen.add_argument("--budget", default="25%", help="cache size: 25%% of the experts, or 64MiB, or bytes")
+    gen.add_argument("--policy", default="lru", choices=["lru", "lfu"], help="eviction policy")
+    gen.add_argument("--partition", default="layer", choices=["layer", "global"], help="one pool per layer or one")
+    gen.add_argument("--prefetch", default="none", choices=["none", "gate"],
+                     help="gate: the next layer's router predicts its experts, loaded while this layer computes")
+    gen.add_argument("--low-threshold", type=float, default=None,
+                     help="mixed precision: misses with a gate weight below this use the expert's int8 copy")
+    gen.set_defaults(func=_cmd_generate)
+
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
@@ -163,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     mole.add_argument("--quick", action="store_true", help="smaller vocabulary and fewer tokens (smoke test)")
     mole.add_argument("--out", default="runs/bench/mole.json", help="JSON output path")
     mole.set_defaults(func=_cmd_bench_mole)
+    off = bsub.add_parser(
+        "offload", help="expert cache policies x budgets on real routing traces; the model served from disk",
+        description="Records the routing of the demo's trained top-2 MoE on held-out text, simulates LRU, LFU, "
+        "Belady with lookahead and Belady-MIN at 25/50/75%% of the experts' bytes (exact counters), then serves the "
+        "model from an on-disk expert store through the cache and checks its counters and logits.",
+    )
+    off.add_argument("--model", default=None,
+                     help="a saved moekit GPT with MoE layers (default: the demo's moe-top2, else runs/bench/moe-top2, "
+                     "trained with the demo's settings if missing)")
+    off.add_argument("--sequences", type=int, default=16, help="held-out sequences in the trace")
+    off.add_argument("--serve-tokens", type=int, default=128, help="tokens decoded by the served runtime per policy")
+    off.add_argument("--train-steps", type=int, default=357, help="training steps when the model is missing")
+    off.add_argument("--quick", action="store_true", help="a short trace and run (smoke test)")
+    off.add_argument("--out", default="runs/bench/offload.json", help="JSON output path (the plot goes beside it)")
+    off.set_defaults(func=_cmd_bench_offload)
     return p
 
 

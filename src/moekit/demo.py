@@ -176,30 +176,48 @@ EXPERIMENTS = {"dselect": ("DSelect-k in multi-task learning", "dselect", "dsele
 COMMITTED_EXPERIMENTS = Path("docs/experiments")  # the latest results, kept in the repository
 
 
-def experiment_sections(experiments_dir: str | os.PathLike | None, out: Path) -> list[str]:
-    """Markdown of each experiment's results, from ``experiments_dir`` or else the repository's
-    ``docs/experiments``; figures are copied next to the report."""
+def _section(title: str, command: str, candidates: list[Path], module: str, png: str, out: Path, sub: str) -> list[str]:
+    """One results section: the first existing JSON of ``candidates`` rendered by ``module``'s
+    ``report_markdown``, its figure (``png`` beside it) copied to ``out/sub``."""
     import importlib
     import shutil
 
+    res = next((c for c in candidates if c.exists()), None)
+    if res is None:
+        return []
+    result = json.loads(res.read_text())
+    render = importlib.import_module(f".{module}", __package__).report_markdown
+    lines = [f"### {title}", "", f"`{command}` ({result['wall_s']:.0f} s; results from {res}).", "", render(result), ""]
+    if (res.parent / png).exists():
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(res.parent / png, out / sub / png)
+        lines += [f"![{title}]({sub}/{png})", ""]
+    return lines
+
+
+def experiment_sections(experiments_dir: str | os.PathLike | None, out: Path) -> list[str]:
+    """Markdown of each experiment's results, from ``experiments_dir`` or else the repository's
+    ``docs/experiments``; figures are copied next to the report."""
     if experiments_dir is None:
         return []
-    lines = []
-    for name, (title, module, png) in EXPERIMENTS.items():
-        res = Path(experiments_dir) / name / "results.json"
-        if not res.exists():
-            res = COMMITTED_EXPERIMENTS / name / "results.json"
-        if not res.exists():
-            continue
-        result = json.loads(res.read_text())
-        mod = importlib.import_module(f".experiments.{module}", __package__)
-        lines += [f"### {title}", "", f"`moekit experiment {name}` ({result['wall_s']:.0f} s; results from {res}).", "",
-                  mod.report_markdown(result), ""]
-        if (res.parent / png).exists():
-            (out / "experiments").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(res.parent / png, out / "experiments" / png)
-            lines += [f"![{name}](experiments/{png})", ""]
-    return lines
+    return [line for name, (title, module, png) in EXPERIMENTS.items()
+            for line in _section(title, f"moekit experiment {name}",
+                                 [Path(experiments_dir) / name / "results.json",
+                                  COMMITTED_EXPERIMENTS / name / "results.json"],
+                                 f"experiments.{module}", png, out, "experiments")]
+
+
+BENCHES = {"offload": "Serving with too little memory: expert cache policies, prefetch, mixed precision, batching"}
+COMMITTED_BENCHES = Path("docs/bench")
+
+
+def bench_sections(out: Path, bench_dir: str | os.PathLike = "runs/bench") -> list[str]:
+    """Markdown of the latest benchmark results that have a report (``runs/bench/NAME.json``, else
+    the repository's ``docs/bench``); figures are copied next to the report."""
+    return [line for name, title in BENCHES.items()
+            for line in _section(title, f"moekit bench {name}", [Path(bench_dir) / f"{name}.json",
+                                                                 COMMITTED_BENCHES / f"{name}.json"],
+                                 f"bench.{name}", f"{name}.png", out, "bench")]
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes: float | None = None,
@@ -256,6 +274,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
         train_s = time.perf_counter() - t0
         histories[v.name] = history
         model.save(out / "variants" / v.name / "model")
+        atomic_write_text(out / "variants" / v.name / "tokenizer.json", tokenizer.to_str())  # for moekit generate
         params_total, extra = model.num_params(), {}
         if v.measure is not None:
             extra.update(v.measure(model, out / "variants" / v.name,
@@ -306,7 +325,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
         "wall_s": time.perf_counter() - t_start,
     }
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out)))
+    atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out),
+                                                       bench_sections(out)))
     console.print(f"report: {out / 'report.md'} ({summary['wall_s']:.0f} s)")
     return summary
 
@@ -320,7 +340,8 @@ def rerender_report(out: str | os.PathLike = "runs/demo",
     if not res.exists():
         raise FileNotFoundError(f"{res}: missing; run `moekit demo --out {out}` first")
     summary = json.loads(res.read_text())
-    return atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out)))
+    return atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out),
+                                                              bench_sections(out)))
 
 
 def results_table(results: list[dict]) -> str:
@@ -347,7 +368,7 @@ def mole_section(results: list[dict]) -> list[str]:
             "", markdown_table(["table", "size MB", "bytes read per new token", "val ppl"], rows), ""]
 
 
-def render_report(summary: dict, experiments: list[str] | None = None) -> str:
+def render_report(summary: dict, experiments: list[str] | None = None, benches: list[str] | None = None) -> str:
     s, results = summary["settings"], summary["results"]
     topics = sorted({t for r in results for t in r["ppl_by_topic"]})
     topic_rows = [[t, *[f"{r['ppl_by_topic'].get(t, math.nan):.2f}" for r in results]] for t in topics]
@@ -391,4 +412,6 @@ def render_report(summary: dict, experiments: list[str] | None = None) -> str:
     ]
     if experiments:
         lines += ["## Experiments against the papers", "", *experiments]
+    if benches:
+        lines += ["## Benchmarks", "", *benches]
     return "\n".join(lines)

@@ -96,6 +96,7 @@ class GPTConfig:
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
         inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         t = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = torch.outer(t, inv)  # [T, K/2]

@@ -1,0 +1,310 @@
+"""The expert cache: slots, eviction policies, and one bookkeeping shared by the simulator and the runtime.
+
+An *access* is one MoE layer's forward: the layer and the set of experts its tokens need. The
+access stream is cyclic (layer 0..L-1 for a token, then the next token), which is why the pool
+structure matters as much as the policy: a single global LRU over that stream evicts the layer
+the loop reaches next (the classic LRU worst case). So the cache is either one pool per layer
+(the default, as in mixtral-offloading) or one global pool, and the experts of the layer being
+computed are pinned: they are never the victim of their own layer's misses.
+
+A miss loads the expert into a slot, evicting the policy's victim among the residents that the
+current layer does not still need. The layer's experts are computed one at a time, resident ones
+first, and each is unpinned once computed, so even a single slot per pool serves any access (an
+expert the layer has just used may make room for the next).
+
+Policies score residents; the victim is the lowest score:
+    ``lru``      last use.
+    ``lfu``      number of uses since the start (not only while resident), ties by last use.
+    ``belady``   next use within a lookahead window of tokens (Belady's rule on the known part
+                 of the future: the expert needed farthest ahead, or not at all, goes first), ties
+                 by last use. The future comes from a PreGate (Read-ME: routing known before the
+                 backbone runs) or from a recorded trace; with the whole future it is Belady-MIN,
+                 the offline optimum for equal-size items and the yardstick of every other policy.
+
+The same :class:`ExpertCache` runs inside :class:`moekit.offload.OffloadedExperts` with real
+loads and in :func:`simulate` on a recorded trace, so the two produce the same counters.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["POLICIES", "CacheStats", "ExpertCache", "Future", "simulate", "slots_for_budget"]
+
+Key = tuple[int, int]  # (layer, expert)
+POLICIES = ("lru", "lfu", "belady")
+
+
+class Future:
+    """The known future of an access stream: for each ``(layer, expert)``, the access indices at
+    which it is needed, so ``next_use`` is a bisection.
+
+    ``tokens[i]`` is the token of access ``i`` (default: each access its own token); the lookahead
+    window counts tokens: ``window=1`` sees the remaining layers of the current token (what a
+    PreGate knows when decoding), ``window=16`` also the next 15 tokens (a queued prompt), ``inf``
+    everything (Belady-MIN)."""
+
+    def __init__(self, accesses: Sequence[tuple[int, Sequence[int]]], tokens: Sequence[int] | None = None) -> None:
+        self.uses: dict[Key, list[int]] = {}
+        for t, (layer, experts) in enumerate(accesses):
+            for e in experts:
+                self.uses.setdefault((layer, int(e)), []).append(t)
+        self.accesses = accesses
+        self.length = len(accesses)
+        self.tokens = list(range(self.length)) if tokens is None else list(tokens)
+        if len(self.tokens) != self.length:
+            raise ValueError(f"Future: {len(self.tokens)} tokens for {self.length} accesses")
+
+    def next_use(self, key: Key, t: int, window: float) -> float:
+        """The first access index ``> t`` that needs ``key`` within ``window`` tokens; ``inf`` if none."""
+        uses = self.uses.get(key)
+        if not uses:
+            return math.inf
+        i = bisect.bisect_right(uses, t)
+        if i == len(uses) or (t >= 0 and self.tokens[uses[i]] - self.tokens[t] >= window):
+            return math.inf
+        return uses[i]
+
+
+@dataclass
+class CacheStats:
+    """Counters of one run: every miss is one demand load of one expert, every prefetch one more load;
+    ``bytes_loaded`` counts both."""
+
+    accesses: int = 0  # (layer-forward, expert) pairs needed
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0
+    prefetched: int = 0
+    prefetch_hits: int = 0  # accesses served by an expert prefetched for them (not yet used before)
+    low_bit: int = 0  # misses served by the expert's int8 copy (read, used once, not cached)
+    hits_by_layer: dict[int, int] = field(default_factory=dict)
+    accesses_by_layer: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else math.nan
+
+    @property
+    def loads(self) -> int:
+        return self.misses + self.prefetched
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Prefetched experts that were used before being evicted."""
+        return self.prefetch_hits / self.prefetched if self.prefetched else math.nan
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Accesses that would have missed and were covered by a prefetch."""
+        n = self.prefetch_hits + self.misses
+        return self.prefetch_hits / n if n else math.nan
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate, "loads": self.loads,
+                "prefetch_precision": self.prefetch_precision, "prefetch_recall": self.prefetch_recall}
+
+
+def slots_for_budget(budget_bytes: int, expert_bytes: Sequence[int], num_experts: Sequence[int],
+                     partition: str = "layer") -> list[int]:
+    """Slots per pool for a byte budget: one pool per layer (layers of equal experts get the same
+    number of slots, the remainder going to the first layers; otherwise the budget is split in
+    proportion to each layer's experts) or one global pool of the largest expert's size. Raises if
+    the budget holds less than one expert per pool."""
+    if partition not in ("layer", "global"):
+        raise ValueError(f"partition: unknown value {partition!r}; valid values are 'layer', 'global'")
+    if partition == "global":
+        slots = [budget_bytes // max(expert_bytes)]
+        need = max(expert_bytes)
+    elif len(set(expert_bytes)) == 1 and len(set(num_experts)) == 1:  # equal layers: the same share each
+        L, b, n = len(expert_bytes), expert_bytes[0], num_experts[0]
+        whole = budget_bytes // b
+        slots = [min(n, whole // L + (i < whole % L)) for i in range(L)]
+        need = L * b
+    else:  # shares in proportion to each layer's experts' bytes
+        total = sum(b * n for b, n in zip(expert_bytes, num_experts))
+        slots = [min(n, int(budget_bytes * b * n / total) // b) for b, n in zip(expert_bytes, num_experts)]
+        need = max(-(-total // n) for n in num_experts)
+    if min(slots) < 1:
+        raise ValueError(
+            f"expert cache: a budget of {budget_bytes:,} bytes holds no expert in some {partition} pool; the minimum "
+            f"is {need:,} bytes (one expert per pool{' in proportion to the layers' if partition == 'layer' else ''}); "
+            "raise the budget or use partition='global'"
+        )
+    return slots
+
+
+class ExpertCache:
+    """Which experts are resident, and where.
+
+    Args:
+        slots: slots per pool (see :func:`slots_for_budget`).
+        num_layers: layers served; with one pool, every layer shares pool 0.
+        expert_bytes: bytes of one expert of each layer (counted per load).
+        policy: ``"lru"``, ``"lfu"`` or ``"belady"``.
+        future: the known future for ``"belady"`` (a :class:`Future` over the same access stream).
+        window: how many tokens ahead ``"belady"`` (and prefetching) may look (see :class:`Future`;
+            ``inf``: Belady-MIN).
+        low_bytes: bytes of one expert's int8 copy per layer (for mixed precision).
+    """
+
+    def __init__(self, slots: Sequence[int], num_layers: int, expert_bytes: Sequence[int], policy: str = "lru",
+                 future: Future | None = None, window: float = math.inf,
+                 low_bytes: Sequence[int] | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy: unknown value {policy!r}; valid values are {list(POLICIES)}")
+        if policy == "belady" and future is None:
+            raise ValueError("policy='belady' needs the future accesses: pass future=Future(trace accesses) "
+                             "(from a PreGate's routing or a recorded trace)")
+        if len(slots) not in (1, num_layers):
+            raise ValueError(f"slots: one pool or one per layer ({num_layers}), got {len(slots)}")
+        self.policy, self.future, self.window = policy, future, window
+        self.pool_of = (lambda layer: 0) if len(slots) == 1 else (lambda layer: layer)
+        self.expert_bytes = list(expert_bytes)
+        self.low_bytes = list(low_bytes or [0] * num_layers)
+        self.free: list[list[int]] = [list(range(n - 1, -1, -1)) for n in slots]
+        self.slots = list(slots)
+        self.where: dict[Key, int] = {}  # resident key -> slot in its pool
+        self.residents: list[set[Key]] = [set() for _ in slots]
+        self.last: dict[Key, int] = {}
+        self.count: dict[Key, int] = {}
+        self.unused: set[Key] = set()  # prefetched, not accessed yet
+        self.t = -1  # index of the current access
+        self.stats = CacheStats()
+
+    def capacity_bytes(self) -> int:
+        if len(self.slots) == 1:
+            return self.slots[0] * max(self.expert_bytes)
+        return sum(n * b for n, b in zip(self.slots, self.expert_bytes))
+
+    def _score(self, key: Key) -> tuple:
+        if self.policy == "lru":
+            return (self.last[key],)
+        if self.policy == "lfu":
+            return (self.count[key], self.last[key])
+        nxt = self.future.next_use(key, self.t, self.window)
+        return (-nxt, self.last[key])  # farthest (or never) first
+
+    def access(self, layer: int, experts: Sequence[int], load: Callable[[int, int, int], None] | None = None,
+               use: Callable[[int, int | None], None] | None = None, low: Collection[int] = ()) -> None:
+        """One layer forward needs ``experts``. They are served one at a time, resident ones first:
+        a miss calls ``load(layer, expert, slot)`` after freeing ``slot``, then ``use(expert, slot)``
+        computes it. An expert is pinned from the start of the access until it has been used, so
+        the victim is never an expert this layer still needs; one slot per pool is always enough.
+        A miss of an expert in ``low`` evicts nothing: ``use(expert, None)`` computes it from its
+        int8 copy (HOBBIT), counted in ``low_bytes``."""
+        self.t += 1
+        st = self.stats
+        pool = self.pool_of(layer)
+        experts = sorted({int(e) for e in experts})  # one order for the runtime and the simulator
+        pending = {(layer, e) for e in experts}
+        for e in experts:
+            key = (layer, e)
+            st.accesses += 1
+            st.accesses_by_layer[layer] = st.accesses_by_layer.get(layer, 0) + 1
+            if key in self.where:
+                st.hits += 1
+                st.hits_by_layer[layer] = st.hits_by_layer.get(layer, 0) + 1
+                if key in self.unused:
+                    st.prefetch_hits += 1
+                    self.unused.discard(key)
+            self.last[key] = self.t
+            self.count[key] = self.count.get(key, 0) + 1
+        order = [e for e in experts if (layer, e) in self.where] + [e for e in experts if (layer, e) not in self.where]
+        for e in order:
+            key = (layer, e)
+            if key not in self.where and e in low:
+                st.misses += 1
+                st.low_bit += 1
+                st.bytes_loaded += self.low_bytes[layer]
+                if use is not None:
+                    use(e, None)
+                pending.discard(key)
+                continue
+            if key not in self.where:
+                slot = self._slot(pool, pending)
+                st.misses += 1
+                st.bytes_loaded += self.expert_bytes[layer]
+                self.where[key] = slot
+                self.residents[pool].add(key)
+                if load is not None:
+                    load(layer, e, slot)
+            if use is not None:
+                use(e, self.where[key])
+            pending.discard(key)
+
+    def prefetch(self, layer: int, experts: Sequence[int], load: Callable[[int, int, int], None] | None = None,
+                 protect: set[Key] | frozenset = frozenset()) -> int:
+        """Make ``experts`` of ``layer`` resident ahead of their access, evicting by the policy but
+        never a key in ``protect`` (the experts the running layer still needs) nor one of these;
+        ``load(layer, expert, slot)`` for each. Returns how many were loaded."""
+        pool = self.pool_of(layer)
+        wanted = sorted({int(e) for e in experts})
+        protect = set(protect) | {(layer, e) for e in wanted}
+        n = 0
+        for e in wanted:
+            key = (layer, e)
+            if key in self.where:
+                continue
+            slot = self._slot(pool, protect, required=False)
+            if slot is None:
+                break
+            self.where[key] = slot
+            self.residents[pool].add(key)
+            self.last[key] = self.t  # as recent as the running access: not the next victim
+            self.count.setdefault(key, 0)
+            self.unused.add(key)
+            self.stats.prefetched += 1
+            self.stats.bytes_loaded += self.expert_bytes[layer]
+            n += 1
+            if load is not None:
+                load(layer, e, slot)
+        return n
+
+    def _slot(self, pool: int, pending: set[Key], required: bool = True) -> int | None:
+        if self.free[pool]:
+            return self.free[pool].pop()
+        candidates = [k for k in self.residents[pool] if k not in pending]
+        if not candidates and not required:
+            return None
+        victim = min(candidates, key=self._score)
+        self.residents[pool].discard(victim)
+        self.unused.discard(victim)
+        self.stats.evictions += 1
+        return self.where.pop(victim)
+
+    def resident(self) -> set[Key]:
+        return set(self.where)
+
+
+def simulate(accesses: Sequence[tuple[int, Sequence[int]]], expert_bytes: Sequence[int], num_experts: Sequence[int],
+             budget_bytes: int, policy: str = "lru", partition: str = "layer", window: float = math.inf,
+             tokens: Sequence[int] | None = None, prefetch: bool = False, low_bytes: Sequence[int] | None = None,
+             weights: Sequence[Sequence[float]] | None = None, low_threshold: float | None = None) -> CacheStats:
+    """Run the cache over a recorded access stream (``[(layer, experts), ...]``, ``tokens[i]`` the
+    token of access ``i``) and return its counters, as the runtime would.
+
+    ``policy="belady"`` looks ``window`` tokens ahead in the same stream (``inf``: Belady-MIN).
+    ``prefetch``: before each access, the next access's experts are prefetched if they lie within
+    ``window`` tokens (exact lookahead, as with a PreGate; the runtime's ``prefetch="future"``).
+    ``low_threshold``: a miss of an expert whose gate weight (``weights[i]``, aligned with the
+    experts of access ``i``) is below it is served by its int8 copy of ``low_bytes`` (HOBBIT); the
+    budget then keeps room for one such copy, as the runtime does."""
+    if low_threshold is not None:
+        if weights is None or low_bytes is None:
+            raise ValueError("simulate: low_threshold needs the gate weights of the trace and low_bytes")
+        budget_bytes -= max(low_bytes)
+    slots = slots_for_budget(budget_bytes, expert_bytes, num_experts, partition)
+    future = Future(accesses, tokens)
+    cache = ExpertCache(slots, len(expert_bytes), expert_bytes, policy, future, window, low_bytes)
+    for t, (layer, experts) in enumerate(accesses):
+        if prefetch and t + 1 < len(accesses) and future.tokens[t + 1] - future.tokens[t] < window:
+            nxt_layer, nxt = accesses[t + 1]
+            cache.prefetch(nxt_layer, nxt, protect={(layer, int(e)) for e in experts})
+        low = () if low_threshold is None else {int(e) for e, w in zip(experts, weights[t]) if w < low_threshold}
+        cache.access(layer, experts, low=low)
+    return cache.stats

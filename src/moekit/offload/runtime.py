@@ -1,0 +1,355 @@
+"""Serving an MoE model whose experts stay on disk: a byte-budgeted cache in RAM in front of the store.
+
+:func:`offload` swaps every MoE layer's :class:`~moekit.experts.GroupedExperts` for an
+:class:`OffloadedExperts` that asks a shared :class:`ExpertServer` for the experts its tokens
+need. The server owns the cache's memory: one preallocated slab per pool, ``slots x block``
+elements, allocated once, so the budget is a real allocation that is never exceeded
+(``server.resident_bytes()``). A miss reads the expert's block
+from the store straight into its slot (``preadv``); the bookkeeping is :class:`ExpertCache`, the
+same as :func:`moekit.offload.simulate`'s, so a served run and a simulated run of the same access
+stream give the same counters.
+
+Every policy here is exact: an expert is always computed with its own weights, so the outputs are
+the in-memory model's (each expert is one ``F.linear`` pair on its rows instead of one grouped
+matmul: equal up to float summation order; greedy tokens identical, tested).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import Future as Future_
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..dispatch import LocalDispatcher, Segments
+from ..experts import get_activation
+from .cache import ExpertCache, Future, slots_for_budget
+from .store import ExpertStore, LayerSpec, moe_layers
+
+__all__ = ["ExpertServer", "OffloadedExperts", "ServeStats", "load_offloaded", "offload"]
+
+
+@dataclass
+class ServeStats:
+    """What a served run cost: the cache's counters plus measured reads and time."""
+
+    tokens: int
+    accesses: int
+    hits: int
+    misses: int  # demand loads
+    prefetched: int  # loads issued ahead of use
+    low_bit: int  # misses served by the int8 copy
+    bytes_loaded: int
+    bytes_read: int  # what the store actually read (equals bytes_loaded)
+    read_s: float  # time spent reading, demand and prefetch
+    exposed_s: float  # time the forward waited for reads (demand reads + waits for in-flight prefetches)
+    hit_rate: float
+    loads_per_token: float
+    bytes_per_token: float
+    prefetch_precision: float
+    prefetch_recall: float
+    resident_bytes: int
+    budget_bytes: int
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of the read time that prefetching overlapped with compute."""
+        return 1 - self.exposed_s / self.read_s if self.read_s else math.nan
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "hidden_fraction": self.hidden_fraction}
+
+
+class ExpertServer:
+    """The cache, its memory and the store behind it (shared by every :class:`OffloadedExperts`).
+
+    Args:
+        store: the opened :class:`ExpertStore`.
+        budget_bytes: bytes of expert weights held in RAM.
+        policy, partition, window, future: see :class:`ExpertCache` and :func:`slots_for_budget`.
+        prefetch: ``None``; ``"future"``: while a layer computes, a background thread loads the
+            experts of the next access known from ``future`` (exact: a PreGate's routing or a
+            recorded trace), if it lies within ``window`` tokens; ``"gate"``: the next layer's router applied to this layer's input
+            predicts them (mixtral-offloading, AdapMoE; within a token only).
+        low_threshold: mixed precision (HOBBIT): a miss of an expert whose largest gate weight in
+            the batch is below this is computed from its int8 copy (read into one small buffer,
+            not cached, evicting nothing); needs a store written with ``low_bit=True``. The buffer
+            comes out of the budget.
+    """
+
+    def __init__(self, store: ExpertStore, budget_bytes: int, policy: str = "lru", partition: str = "layer",
+                 window: float = math.inf, future: Future | None = None, prefetch: str | None = None,
+                 low_threshold: float | None = None) -> None:
+        if prefetch not in (None, "future", "gate"):
+            raise ValueError(f"prefetch: unknown value {prefetch!r}; valid values are None, 'future', 'gate'")
+        if prefetch == "future" and future is None:
+            raise ValueError("prefetch='future' needs future=Future(accesses) (a PreGate's routing or a recorded trace)")
+        self.store = store
+        L = len(store.layers)
+        self.expert_bytes = [store.expert_bytes(i) for i in range(L)]
+        self.low_threshold = low_threshold
+        low_bytes = [s.low_bytes for s in store.layers]
+        if low_threshold is not None and not store.low_bit:
+            raise ValueError(f"low_threshold needs int8 copies: {store.folder} was written without them; rewrite it "
+                             "with write_store(model, folder, low_bit=True)")
+        self.low_buf = torch.empty(max(low_bytes) if low_threshold is not None else 0, dtype=torch.uint8)
+        slots = slots_for_budget(budget_bytes - self.low_buf.numel(), self.expert_bytes,
+                                 [s.num_experts for s in store.layers], partition)
+        self.budget_bytes = budget_bytes
+        self.cache = ExpertCache(slots, L, self.expert_bytes, policy, future, window, low_bytes)
+        self.row_weight: Tensor | None = None  # combine weight of each dispatched row (for low_threshold)
+        self.future, self.prefetch = future, prefetch
+        pools = range(len(slots))
+        width = [max(store.layers[i].numel for i in range(L) if self.cache.pool_of(i) == p) for p in pools]
+        self.slabs = [torch.empty(n, w, dtype=store.dtype) for n, w in zip(slots, width)]
+        self.inflight: dict[tuple[int, int], Future_] = {}  # (pool, slot) -> read in progress
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if prefetch else None
+        self.moes: list[nn.Module] = []  # set by offload(): the routers predict the next layer
+        self.x: Tensor | None = None  # the running MoE layer's input (for prefetch="gate")
+        self.read_s = 0.0
+        self.exposed_s = 0.0
+        self.bytes_read0 = store.bytes_read
+        self.tokens = 0
+
+    def resident_bytes(self) -> int:
+        """Bytes of expert weights held in RAM (the slabs and the int8 buffer)."""
+        return sum(s.numel() * s.element_size() for s in self.slabs) + self.low_buf.numel()
+
+    def _read(self, layer: int, expert: int, slot: int) -> float:
+        t0 = time.perf_counter()
+        self.store.read(layer, expert, self.slabs[self.cache.pool_of(layer)][slot])
+        return time.perf_counter() - t0
+
+    def _wait(self, layer: int, slot: int) -> None:
+        fut = self.inflight.pop((self.cache.pool_of(layer), slot), None)
+        if fut is not None:
+            t0 = time.perf_counter()
+            self.read_s += fut.result()
+            self.exposed_s += time.perf_counter() - t0
+
+    def _load(self, layer: int, expert: int, slot: int) -> None:
+        """A demand miss: read now (after any prefetch still writing that slot)."""
+        self._wait(layer, slot)
+        dt = self._read(layer, expert, slot)
+        self.read_s += dt
+        self.exposed_s += dt
+
+    def _submit(self, layer: int, expert: int, slot: int) -> None:
+        self._wait(layer, slot)
+        self.inflight[(self.cache.pool_of(layer), slot)] = self.executor.submit(self._read, layer, expert, slot)
+
+    def _issue_prefetch(self, layer: int, needed: list[int]) -> None:
+        """Before ``layer`` computes ``needed``: start loading what the next access will need."""
+        if self.prefetch == "future":
+            t = self.cache.t + 2  # cache.t is the previous access; this one is t + 1
+            if t >= self.future.length or self.future.tokens[t] - self.future.tokens[t - 1] >= self.cache.window:
+                return
+            nxt_layer, nxt = self.future.accesses[t]
+        else:
+            nxt_layer = layer + 1
+            if nxt_layer >= len(self.moes) or self.x is None:
+                return  # the next token's layer 0 depends on a token not sampled yet
+            r = self.moes[nxt_layer].gate(self.x)
+            nxt = torch.unique(r.expert[r.weight != 0]).tolist()
+        self.cache.prefetch(nxt_layer, nxt, self._submit, protect={(layer, e) for e in needed})
+
+    def weights(self, layer: int, slot: int) -> dict[str, Tensor]:
+        """The parts of the expert in ``slot`` of ``layer``'s pool (views), once its read is done."""
+        self._wait(layer, slot)
+        return self.store.layers[layer].split(self.slabs[self.cache.pool_of(layer)][slot])
+
+    def drain(self) -> None:
+        """Wait for every read in flight."""
+        for pool, slot in list(self.inflight):
+            fut = self.inflight.pop((pool, slot))
+            self.read_s += fut.result()
+
+    def stats(self) -> ServeStats:
+        self.drain()
+        st = self.cache.stats
+        tokens = max(self.tokens, 1)
+        return ServeStats(self.tokens, st.accesses, st.hits, st.misses, st.prefetched, st.low_bit, st.bytes_loaded,
+                          self.store.bytes_read - self.bytes_read0, self.read_s, self.exposed_s, st.hit_rate,
+                          st.loads / tokens, st.bytes_loaded / tokens, st.prefetch_precision, st.prefetch_recall,
+                          self.resident_bytes(), self.budget_bytes)
+
+    def close(self) -> None:
+        self.drain()
+        if self.executor is not None:
+            self.executor.shutdown()
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for ``GroupedExperts``: the weights come from the server's cache (inference only)."""
+
+    def __init__(self, server: ExpertServer, layer: int) -> None:
+        super().__init__()
+        spec = server.store.layers[layer]
+        self.server, self.layer = server, layer
+        self.spec = spec
+        self.num_experts, self.d_model, self.d_ff = spec.num_experts, spec.d_model, spec.d_ff
+        self.activation, self.act = spec.activation, get_activation(spec.activation)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
+
+    def forward(self, x_ND: Tensor, seg: Segments) -> Tensor:
+        if torch.is_grad_enabled() and x_ND.requires_grad:
+            raise RuntimeError("OffloadedExperts serves inference only; run under torch.no_grad() (train the "
+                               "in-memory model, then write a new store)")
+        starts = [0]
+        for n in seg.sizes:
+            starts.append(starts[-1] + n)
+        out = x_ND.new_empty(x_ND.shape[0], self.d_model)
+        dt = x_ND.dtype
+
+        def use(e: int, slot: int | None) -> None:
+            rows = slice(starts[e], starts[e + 1])
+            if slot is None:
+                out[rows] = self._low_bit(x_ND[rows], e)
+                return
+            w = self.server.weights(self.layer, slot)
+            h = F.linear(x_ND[rows], w["first"].to(dt), w["first_bias"].to(dt) if "first_bias" in w else None)
+            out[rows] = F.linear(self.act.apply(h), w["down"].to(dt), w["down_bias"].to(dt) if "down_bias" in w else None)
+
+        needed = [e for e, n in enumerate(seg.sizes) if n]
+        low: list[int] = []
+        if self.server.low_threshold is not None and self.server.row_weight is not None:
+            w = self.server.row_weight.detach().float()
+            low = [e for e in needed if float(w[starts[e]: starts[e + 1]].abs().max()) < self.server.low_threshold]
+        if self.server.prefetch:
+            self.server._issue_prefetch(self.layer, needed)
+        self.server.cache.access(self.layer, needed, self.server._load, use, low=low)
+        return out
+
+    def _low_bit(self, x: Tensor, e: int, chunk: int = 256) -> Tensor:
+        """The expert from its int8 copy, dequantised ``chunk`` output rows at a time (small scratch)."""
+        t0 = time.perf_counter()
+        p = self.server.store.read_low(self.layer, e, self.server.low_buf)
+        dt = time.perf_counter() - t0
+        self.server.read_s += dt
+        self.server.exposed_s += dt
+
+        def linear(inp: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+            y = inp.new_empty(inp.shape[0], q.shape[0])
+            for i in range(0, q.shape[0], chunk):
+                y[:, i: i + chunk] = inp @ (q[i: i + chunk].to(inp.dtype) * scale[i: i + chunk, None].to(inp.dtype)).T
+            return y if bias is None else y + bias.to(inp.dtype)
+
+        h = linear(x, p["first"], p["first_scale"], p.get("first_bias"))
+        return linear(self.act.apply(h), p["down"], p["down_scale"], p.get("down_bias"))
+
+
+class _WeightKeeper(LocalDispatcher):
+    """The local dispatcher, keeping the combine weight of each dispatched row for the experts."""
+
+    def __init__(self, server: ExpertServer) -> None:
+        self.server = server
+
+    def dispatch(self, x_TD: Tensor, routing):
+        x_ND, seg, ctx = super().dispatch(x_TD, routing)
+        self.server.row_weight = ctx.weight_N
+        return x_ND, seg, ctx
+
+
+def _open(store: ExpertStore | str | os.PathLike) -> ExpertStore:
+    return store if isinstance(store, ExpertStore) else ExpertStore(store)
+
+
+def _budget_bytes(budget: float | int, store: ExpertStore) -> int:
+    if not budget > 0:
+        raise ValueError(f"offload: budget must be > 0 (a fraction of the experts' bytes, or bytes), got {budget!r}")
+    return int(budget * store.total_bytes()) if budget < 1 else int(budget)
+
+
+def _attach(server: ExpertServer, layers: list[nn.Module]) -> None:
+    """Swap each MoE layer's experts for the server's, with the hooks the server needs."""
+    server.moes = layers
+    for i, moe in enumerate(layers):
+        moe.experts = OffloadedExperts(server, i)
+        if server.low_threshold is not None:
+            moe.dispatcher = _WeightKeeper(server)
+
+    def count(mod, args):
+        server.tokens += args[0].numel() // mod.d_model
+
+    def keep_input(mod, args):
+        server.x = args[0].reshape(-1, mod.d_model)
+
+    server.hooks = [layers[0].register_forward_pre_hook(count)]
+    if server.prefetch == "gate":
+        server.hooks += [m.register_forward_pre_hook(keep_input) for m in layers]
+
+
+def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.25, policy: str = "lru",
+            partition: str = "layer", window: float = math.inf, future: Future | None = None,
+            prefetch: str | None = None, low_threshold: float | None = None, check: bool = True) -> ExpertServer:
+    """Serve ``model``'s experts from ``store`` through a cache of ``budget`` (a fraction of all
+    experts' bytes if ``< 1``, else bytes), in place: every MoE layer's experts are replaced (their
+    memory is freed once nothing else holds them). Returns the :class:`ExpertServer` (counters:
+    ``server.stats()``). ``check`` verifies the store was written from this model."""
+    store = _open(store)
+    layers = moe_layers(model)
+    if check:
+        store.check_model(model)
+    elif len(layers) != len(store.layers):
+        raise ValueError(f"{store.folder}: {len(store.layers)} layers, the model has {len(layers)} MoE layers")
+    server = ExpertServer(store, _budget_bytes(budget, store), policy, partition, window, future, prefetch,
+                          low_threshold)
+    _attach(server, layers)
+    return server
+
+
+def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLike | None = None,
+                   budget: float | int = 0.25, low_bit: bool = False, **kw):
+    """``(model, server)``: a moekit GPT saved by ``GPT.save`` at ``path``, served with its experts
+    on disk; the expert weights are never loaded into RAM (the model is built on the meta device and
+    only the other tensors are read from its safetensors). ``store`` defaults to ``path/experts``,
+    written from the checkpoint (with int8 copies if ``low_bit``) when missing. Other keyword
+    arguments go to :func:`offload`."""
+    from safetensors import safe_open
+
+    from ..models import GPT
+    from ..models.gpt import WEIGHTS_FILE, Rotary, read_config
+    from .store import write_store
+
+    path = Path(path)
+    cfg = read_config(path)
+    folder = Path(store.folder if isinstance(store, ExpertStore) else store or path / "experts")
+    if not (folder / "manifest.json").exists():
+        write_store(GPT.load(path), folder, low_bit=low_bit or kw.get("low_threshold") is not None)
+    store = _open(store if isinstance(store, ExpertStore) else folder)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    layers = moe_layers(model)
+    specs = [LayerSpec.of(m) for m in layers]  # shapes only: the meta tensors know them
+    if specs != store.layers:
+        raise ValueError(f"{store.folder}: written for another model (expert shapes {store.layers} vs the model's "
+                         f"{specs} at {path}); write a store from this model with moekit.offload.write_store")
+    server = ExpertServer(store, _budget_bytes(budget, store), **kw)
+    _attach(server, layers)
+    model = model.to_empty(device="cpu")
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        keys = set(f.keys())
+        state = {}
+        for n in model.state_dict():
+            src = n if n in keys else "head.weight" if n == "embed.weight" else "embed.weight"
+            if src not in keys:
+                raise ValueError(f"{path / WEIGHTS_FILE}: no tensor {n!r}; was it written by GPT.save for this config?")
+            state[n] = f.get_tensor(src)
+    if cfg.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
+        model.head.weight = model.embed.weight
+    model.load_state_dict(state, strict=True)
+    for m in model.modules():  # to_empty left the non-persistent RoPE tables uninitialised
+        if isinstance(m, Rotary):
+            fresh = Rotary(m.head_dim, m.max_seq_len, m.theta)
+            m.cos, m.sin = fresh.cos, fresh.sin
+    store.check_model(model)
+    return model.eval(), server

@@ -1,0 +1,338 @@
+"""The expert store: every MoE layer's experts on disk, one contiguous block per expert.
+
+A store is a folder: ``manifest.json`` and one safetensors file per layer (``layer_000.safetensors``...)
+holding a 1-D tensor ``expert.{e}`` per expert: its first projection (``gate_up_proj`` or
+``up_proj``), then ``down_proj``, then the biases if any, flattened, so one load is one ``pread``.
+The manifest records each layer's shapes, the storage dtype, each block's byte offset and CRC-32,
+and a fingerprint of the model it was written from (its routers and shapes), so a store written
+for another model, a truncated or corrupt file, or a missing layer is an error, never stale weights.
+The folder is written to a temporary name and renamed into place.
+
+Reads go through ``os.preadv`` straight into the caller's buffer. With ``drop_page_cache=True``
+each block is evicted from the OS page cache first (``posix_fadvise(DONTNEED)``), so every load is
+a real read from the device rather than a copy from RAM (what a benchmark needs; a user serving a
+model gains from the page cache and leaves it off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..io import atomic_write_text
+
+__all__ = ["ExpertStore", "LayerSpec", "fingerprint", "moe_layers", "write_store"]
+
+FORMAT = "moekit-expert-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's MoE layers in forward order (module order)."""
+    from ..layer import MoE
+
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no moekit MoE layer to offload; convert it first "
+                         "(moekit.convert, or moekit.convert.patch_hf_model for Hugging Face MoE models)")
+    return layers
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shapes of one layer's experts and where their parts sit in a block."""
+
+    num_experts: int
+    d_model: int
+    d_ff: int
+    activation: str
+    bias: bool
+    first_out: int  # 2 * d_ff for gated activations
+
+    @classmethod
+    def of(cls, moe: nn.Module) -> LayerSpec:
+        ex = moe.experts
+        if isinstance(getattr(ex, "spec", None), LayerSpec):  # already served from a store
+            return ex.spec
+        return cls(ex.num_experts, ex.d_model, ex.d_ff, ex.activation, ex.down_proj_bias is not None,
+                   ex.first_proj.shape[1])
+
+    @property
+    def parts(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(name, shape)`` of each part of a block, in order."""
+        out = [("first", (self.first_out, self.d_model)), ("down", (self.d_model, self.d_ff))]
+        if self.bias:
+            out += [("first_bias", (self.first_out,)), ("down_bias", (self.d_model,))]
+        return out
+
+    @property
+    def numel(self) -> int:
+        return sum(int(torch.Size(s).numel()) for _, s in self.parts)
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of a flat block as its named parts."""
+        out, i = {}, 0
+        for name, shape in self.parts:
+            n = int(torch.Size(shape).numel())
+            out[name] = flat[i: i + n].view(shape)
+            i += n
+        return out
+
+    @property
+    def low_parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """The int8 copy's block: fp32 row scales (and biases) first, so every fp32 part is aligned,
+        then the int8 matrices."""
+        out = [("first_scale", (self.first_out,), torch.float32), ("down_scale", (self.d_model,), torch.float32)]
+        if self.bias:
+            out += [("first_bias", (self.first_out,), torch.float32), ("down_bias", (self.d_model,), torch.float32)]
+        return out + [("first", (self.first_out, self.d_model), torch.int8), ("down", (self.d_model, self.d_ff), torch.int8)]
+
+    @property
+    def low_bytes(self) -> int:
+        return sum(int(torch.Size(s).numel()) * d.itemsize for _, s, d in self.low_parts)
+
+    def split_low(self, buf: Tensor) -> dict[str, Tensor]:
+        """Views of an int8-copy block (``uint8`` bytes) as its named parts."""
+        out, i = {}, 0
+        for name, shape, dtype in self.low_parts:
+            n = int(torch.Size(shape).numel()) * dtype.itemsize
+            out[name] = buf[i: i + n].view(dtype).view(shape)
+            i += n
+        return out
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output row: ``w ~ q * scale[:, None]``."""
+    scale = w.detach().float().abs().amax(1).clamp_min(1e-12) / 127
+    return torch.round(w.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _low_block(moe: nn.Module, e: int) -> Tensor:
+    ex = moe.experts
+    q1, s1 = quantize_rows(ex.first_proj[e])
+    q2, s2 = quantize_rows(ex.down_proj[e])
+    parts = [s1, s2]
+    if ex.down_proj_bias is not None:
+        parts += [ex.first_bias[e].detach().float(), ex.down_proj_bias[e].detach().float()]
+    raw = [p.contiguous().view(torch.uint8).reshape(-1) for p in parts]
+    raw += [q1.view(torch.uint8).reshape(-1), q2.view(torch.uint8).reshape(-1)]
+    return torch.cat(raw)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every MoE layer's expert shapes and router parameters: what a store must match."""
+    h = hashlib.sha256()
+    for i, moe in enumerate(moe_layers(model)):
+        spec = LayerSpec.of(moe)
+        h.update(json.dumps([i, spec.num_experts, spec.d_model, spec.d_ff, spec.activation, spec.bias]).encode())
+        for name, p in sorted(moe.gate.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _block(moe: nn.Module, e: int, dtype: torch.dtype) -> Tensor:
+    ex = moe.experts
+    parts = [ex.first_proj[e], ex.down_proj[e]]
+    if ex.down_proj_bias is not None:
+        parts += [ex.first_bias[e], ex.down_proj_bias[e]]
+    return torch.cat([p.detach().reshape(-1) for p in parts]).to(dtype).contiguous()
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """``(data start, header)`` of a safetensors file, checked against its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: truncated (no safetensors header); rewrite the store with moekit.offload.write_store")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise ValueError(f"{path}: truncated header ({size} bytes); rewrite the store with moekit.offload.write_store")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated: {size:,} bytes, its header describes {8 + n + end:,}; "
+                         "rewrite the store with moekit.offload.write_store")
+    return 8 + n, header
+
+
+def write_store(model: nn.Module, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                low_bit: bool = False) -> ExpertStore:
+    """Write every MoE layer's experts of ``model`` to ``folder`` (replaced atomically) and open it.
+    ``dtype`` is the storage dtype (default: the experts' own). ``low_bit`` also writes an int8 copy
+    of every expert (per-row scales; about a quarter of the fp32 bytes) for mixed-precision serving."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    layers = moe_layers(model)
+    dtype = dtype or layers[0].experts.down_proj.dtype
+    name = next((k for k, v in DTYPES.items() if v == dtype), None)
+    if name is None:
+        raise ValueError(f"write_store: unsupported dtype {dtype}; valid dtypes are {list(DTYPES)}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": name, "fingerprint": fingerprint(model),
+                "low_bit": bool(low_bit), "layers": []}
+    for i, moe in enumerate(layers):
+        spec = LayerSpec.of(moe)
+        blocks = {f"expert.{e}": _block(moe, e, dtype) for e in range(spec.num_experts)}
+        if low_bit:
+            blocks.update({f"expert.{e}.int8": _low_block(moe, e) for e in range(spec.num_experts)})
+        file = f"layer_{i:03d}.safetensors"
+        save_file(blocks, str(tmp / file), metadata={"format": FORMAT, "layer": str(i)})
+        start, header = _header(tmp / file)
+        offsets, crcs = [], []
+        for e in range(spec.num_experts):
+            b0, b1 = header[f"expert.{e}"]["data_offsets"]
+            offsets.append(start + b0)
+            crcs.append(zlib.crc32(blocks[f"expert.{e}"].view(torch.uint8).numpy().tobytes()))
+            assert b1 - b0 == spec.numel * dtype.itemsize
+        entry = {"file": file, "num_experts": spec.num_experts, "d_model": spec.d_model, "d_ff": spec.d_ff,
+                 "activation": spec.activation, "bias": spec.bias, "first_out": spec.first_out, "offsets": offsets,
+                 "crc32": crcs}
+        if low_bit:
+            entry["low_offsets"] = [start + header[f"expert.{e}.int8"]["data_offsets"][0] for e in range(spec.num_experts)]
+            entry["low_crc32"] = [zlib.crc32(blocks[f"expert.{e}.int8"].numpy().tobytes())
+                                  for e in range(spec.num_experts)]
+        manifest["layers"].append(entry)
+        with open(tmp / file, "rb+") as f:
+            os.fsync(f.fileno())  # written out, so that the page cache may drop it
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+    return ExpertStore(folder)
+
+
+class ExpertStore:
+    """An opened store: ``read(layer, expert, out)`` fills ``out`` (a flat tensor of the storage dtype).
+
+    Args:
+        folder: written by :func:`write_store`.
+        verify: check each block's CRC-32 on every read (cheap next to the read itself).
+        drop_page_cache: evict each block from the OS page cache before reading it.
+    """
+
+    def __init__(self, folder: str | os.PathLike, verify: bool = True, drop_page_cache: bool = False) -> None:
+        self.folder = Path(folder)
+        man = self.folder / MANIFEST
+        if not man.exists():
+            raise FileNotFoundError(f"{man}: missing; {self.folder} is not an expert store (write one with "
+                                    "moekit.offload.write_store(model, folder))")
+        m = json.loads(man.read_text())
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            raise ValueError(f"{man}: not a {FORMAT} version {VERSION} manifest")
+        if m["dtype"] not in DTYPES:
+            raise ValueError(f"{man}: unsupported dtype {m['dtype']!r}; valid dtypes are {list(DTYPES)}")
+        self.dtype = DTYPES[m["dtype"]]
+        self.fingerprint = m["fingerprint"]
+        self.layers = [LayerSpec(d["num_experts"], d["d_model"], d["d_ff"], d["activation"], d["bias"],
+                                 d["first_out"]) for d in m["layers"]]
+        self.offsets = [d["offsets"] for d in m["layers"]]
+        self.crc32 = [d["crc32"] for d in m["layers"]]
+        self.low_bit = bool(m.get("low_bit"))
+        self.low_offsets = [d.get("low_offsets") for d in m["layers"]]
+        self.low_crc32 = [d.get("low_crc32") for d in m["layers"]]
+        self.verify, self.drop_page_cache = verify, drop_page_cache
+        self.fds = []
+        for d, spec in zip(m["layers"], self.layers):
+            path = self.folder / d["file"]
+            if not path.exists():
+                self.close()
+                raise FileNotFoundError(f"{path}: missing from the expert store; rewrite it with moekit.offload.write_store")
+            _header(path)
+            end = max(d["offsets"]) + spec.numel * self.dtype.itemsize
+            if self.low_bit:
+                end = max(end, max(d["low_offsets"]) + spec.low_bytes)
+            if path.stat().st_size < end:
+                self.close()
+                raise ValueError(f"{path}: truncated ({path.stat().st_size:,} bytes, need {end:,}); "
+                                 "rewrite the store with moekit.offload.write_store")
+            self.fds.append(os.open(path, os.O_RDONLY))
+        self.bytes_read = 0
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def expert_bytes(self, layer: int) -> int:
+        return self.layers[layer].numel * self.dtype.itemsize
+
+    def total_bytes(self) -> int:
+        return sum(self.expert_bytes(i) * s.num_experts for i, s in enumerate(self.layers))
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise unless the store was written from ``model`` (same routers and expert shapes)."""
+        layers = moe_layers(model)
+        if len(layers) != len(self.layers):
+            raise ValueError(f"{self.folder}: written for a model with {len(self.layers)} MoE layers, this one has "
+                             f"{len(layers)}; write a store from this model with moekit.offload.write_store")
+        if fingerprint(model) != self.fingerprint:
+            raise ValueError(f"{self.folder}: written for another model (router / shape fingerprint differs); "
+                             "write a store from this model with moekit.offload.write_store")
+
+    def read(self, layer: int, expert: int, out: Tensor) -> Tensor:
+        """Read one expert's block into ``out`` (flat, contiguous, ``store.dtype``); returns ``out``."""
+        n = self.layers[layer].numel * self.dtype.itemsize
+        self._read(layer, expert, self.offsets, self.crc32, n, out[: self.layers[layer].numel].view(torch.uint8))
+        return out
+
+    def read_low(self, layer: int, expert: int, out: Tensor) -> dict[str, Tensor]:
+        """Read one expert's int8 copy into ``out`` (``uint8``, at least ``layers[layer].low_bytes``);
+        returns its parts (views)."""
+        if not self.low_bit:
+            raise ValueError(f"{self.folder}: written without int8 copies; rewrite it with write_store(..., low_bit=True)")
+        n = self.layers[layer].low_bytes
+        self._read(layer, expert, self.low_offsets, self.low_crc32, n, out[:n])
+        return self.layers[layer].split_low(out[:n])
+
+    def _read(self, layer: int, expert: int, offsets, crcs, n: int, out_u8: Tensor) -> None:
+        spec = self.layers[layer]
+        if not 0 <= expert < spec.num_experts:
+            raise IndexError(f"expert store: expert {expert} out of range for layer {layer} ({spec.num_experts} experts)")
+        off, fd = offsets[layer][expert], self.fds[layer]
+        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        buf = out_u8.numpy()
+        got = os.preadv(fd, [buf], off)
+        if got != n:
+            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: short read ({got} of {n} bytes); "
+                             "the store is truncated, rewrite it with moekit.offload.write_store")
+        if self.verify and zlib.crc32(buf) != crcs[layer][expert]:
+            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: checksum mismatch, the store is corrupt; "
+                             "rewrite it with moekit.offload.write_store")
+        with self._lock:  # prefetch threads read too
+            self.bytes_read += n
+            self.reads += 1
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (f"ExpertStore({str(self.folder)!r}, layers={len(self.layers)}, dtype={self.dtype}, "
+                f"total={self.total_bytes() / 2**20:.1f} MiB)")

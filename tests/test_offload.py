@@ -1,0 +1,440 @@
+"""moekit.offload: store, traces, the cache's invariants, the simulator against the runtime, exactness, bad input."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moekit import MoE
+from moekit.models import GPT, GPTConfig
+from moekit.offload import (
+    ExpertCache,
+    ExpertStore,
+    Future,
+    Trace,
+    load_offloaded,
+    offload,
+    record_trace,
+    simulate,
+    slots_for_budget,
+    write_store,
+)
+
+CFG = GPTConfig(vocab_size=128, d_model=32, n_layers=3, n_heads=2, max_seq_len=64, d_ff=64)
+
+
+def _moe_gpt(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(CFG.with_moe(num_experts=kw.pop("num_experts", 8), k=kw.pop("k", 2), **kw)).eval()
+
+
+@pytest.fixture
+def served(tmp_path):
+    model = _moe_gpt()
+    store = write_store(model, tmp_path / "store")
+    return model, store
+
+
+# ----------------------------------------------------------------------------------- store
+
+
+def test_store_roundtrip_and_layout(served):
+    model, store = served
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(store.layers) == 3
+    spec = store.layers[0]
+    assert spec.numel == 2 * 32 * 32 + 32 * 32  # gate_up [2F, D] + down [D, F], F = 32
+    buf = torch.empty(spec.numel)
+    for li, moe in enumerate(moes):
+        for e in range(8):
+            parts = spec.split(store.read(li, e, buf))
+            assert torch.equal(parts["first"], moe.experts.gate_up_proj[e])
+            assert torch.equal(parts["down"], moe.experts.down_proj[e])
+    assert store.bytes_read == 24 * spec.numel * 4
+    assert store.total_bytes() == 24 * spec.numel * 4
+    store.check_model(model)
+
+
+def test_store_with_biases_and_plain_activation(tmp_path):
+    torch.manual_seed(0)
+    moe = MoE(16, 24, 4, "topk", activation="gelu", bias=True)
+    with torch.no_grad():
+        for b in (moe.experts.up_proj_bias, moe.experts.down_proj_bias):
+            b.normal_()
+    store = write_store(moe, tmp_path / "s", dtype=torch.float16)
+    parts = store.layers[0].split(store.read(0, 3, torch.empty(store.layers[0].numel, dtype=torch.float16)))
+    assert torch.equal(parts["first_bias"], moe.experts.up_proj_bias[3].half())
+    assert torch.equal(parts["down"], moe.experts.down_proj[3].half())
+    assert store.dtype == torch.float16
+
+
+def test_store_rewrite_is_atomic_and_replaces(tmp_path, served):
+    model, store = served
+    assert not (tmp_path / "store.tmp").exists()
+    write_store(model, tmp_path / "store")
+    assert sorted(os.listdir(tmp_path)) == ["store"]
+
+
+def test_store_bad_input(tmp_path, served):
+    model, store = served
+    folder = store.folder
+    other = _moe_gpt(num_experts=8)
+    with torch.no_grad():
+        other.blocks[0].ffn.gate.weight.add_(1.0)
+    with pytest.raises(ValueError, match="another model"):
+        store.check_model(other)
+    with pytest.raises(ValueError, match="another model"):
+        offload(other, folder)
+    with pytest.raises(ValueError, match="MoE layers"):
+        ExpertStore(folder).check_model(GPT(CFG.with_moe(8, 2, every=2)))  # one MoE layer of three
+    # corrupt: one flipped byte in an expert block
+    path = folder / "layer_001.safetensors"
+    data = bytearray(path.read_bytes())
+    off = ExpertStore(folder).offsets[1][5]
+    data[off + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    s = ExpertStore(folder)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        s.read(1, 5, torch.empty(s.layers[1].numel))
+    s.read(1, 4, torch.empty(s.layers[1].numel))  # the others are intact
+    # truncated
+    path.write_bytes(bytes(data[: len(data) - 100]))
+    with pytest.raises(ValueError, match="truncated"):
+        ExpertStore(folder)
+    write_store(model, folder)
+    (folder / "layer_002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ExpertStore(folder)
+    with pytest.raises(FileNotFoundError, match="not an expert store"):
+        ExpertStore(tmp_path)
+    with pytest.raises(ValueError, match="no moekit MoE layer"):
+        write_store(GPT(CFG), tmp_path / "dense")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        write_store(model, tmp_path / "x", dtype=torch.int8)
+
+
+# ----------------------------------------------------------------------------------- cache invariants
+
+accesses_strategy = st.lists(
+    st.tuples(st.integers(0, 2), st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True)),
+    min_size=1, max_size=60)
+
+
+@given(accesses=accesses_strategy, policy=st.sampled_from(["lru", "lfu", "belady"]),
+       partition=st.sampled_from(["layer", "global"]), slots=st.integers(1, 8), window=st.sampled_from([1, 5, math.inf]))
+def test_cache_invariants(accesses, policy, partition, slots, window):
+    pools = [slots] if partition == "global" else [slots] * 3
+    cache = ExpertCache(pools, 3, [100] * 3, policy, Future(accesses), window)
+    for layer, experts in accesses:
+        used = []
+
+        def use(e, slot, layer=layer, used=used):
+            # the expert is resident in its slot when it is computed, and no slot is shared
+            assert cache.where[(layer, e)] == slot
+            used.append(e)
+
+        cache.access(layer, experts, use=use)
+        assert sorted(used) == sorted(experts)
+        for p, n in enumerate(pools):
+            assert len(cache.residents[p]) <= n  # the budget is never exceeded
+            assert len({cache.where[k] for k in cache.residents[p]}) == len(cache.residents[p])
+    s = cache.stats
+    assert s.hits + s.misses == s.accesses == sum(len(e) for _, e in accesses)
+    assert s.bytes_loaded == 100 * s.misses
+
+
+@given(accesses=accesses_strategy, slots=st.integers(1, 6))
+def test_belady_min_is_optimal(accesses, slots):
+    """Belady-MIN never loads more than LRU, LFU or any window, on any stream (one pool per layer)."""
+    ebytes, n = [1] * 3, [6] * 3
+    budget = slots * 3
+    best = simulate(accesses, ebytes, n, budget, "belady").misses
+    for policy in ("lru", "lfu"):
+        assert best <= simulate(accesses, ebytes, n, budget, policy).misses
+    for w in (1, 4):
+        assert best <= simulate(accesses, ebytes, n, budget, "belady", window=w).misses
+
+
+def test_belady_min_known_answer():
+    # one layer, 2 slots: MIN evicts the expert needed farthest ahead (6 misses), LRU always the wrong one (8)
+    seq = [(0, [e]) for e in (1, 2, 3, 1, 2, 4, 1, 2)]
+    assert simulate(seq, [1], [5], 2, "belady").misses == 6
+    assert simulate(seq, [1], [5], 2, "lru").misses == 8
+    assert simulate(seq, [1], [5], 3, "belady").misses == 4
+
+
+def test_global_lru_thrashes_on_the_cyclic_stream():
+    # 3 layers, every token needs expert 0 of each: a global LRU of 2 slots evicts exactly the layer
+    # needed next and never hits; one slot per layer hits after the first token
+    seq = [(layer, [0]) for _ in range(10) for layer in range(3)]
+    assert simulate(seq, [1] * 3, [2] * 3, 2, "lru", partition="global").hit_rate == 0.0
+    assert simulate(seq, [1] * 3, [2] * 3, 3, "lru", partition="layer").hit_rate == pytest.approx(27 / 30)
+
+
+def test_slots_for_budget():
+    assert slots_for_budget(800, [100, 100], [8, 8]) == [4, 4]
+    assert slots_for_budget(800, [100, 100], [8, 8], "global") == [8]
+    assert slots_for_budget(10_000, [100, 100], [8, 8]) == [8, 8]  # never more than the layer's experts
+    with pytest.raises(ValueError, match="minimum is 100"):
+        slots_for_budget(99, [100], [8], "global")
+    with pytest.raises(ValueError, match="minimum is 200 bytes"):
+        slots_for_budget(150, [100, 100], [8, 8])
+    with pytest.raises(ValueError, match="partition"):
+        slots_for_budget(800, [100], [8], "ring")
+    with pytest.raises(ValueError, match="policy"):
+        ExpertCache([1], 1, [1], "fifo")
+    with pytest.raises(ValueError, match="future"):
+        ExpertCache([1], 1, [1], "belady")
+
+
+# ----------------------------------------------------------------------------------- traces
+
+
+def test_trace_record_save_load(tmp_path):
+    model = _moe_gpt()
+    ids = torch.randint(0, 128, (2, 20))
+    trace = record_trace(model, ids, meta={"source": "test"})
+    assert len(trace) == 2 * 20 * 3 and trace.num_tokens == 40 and trace.num_experts == [8, 8, 8]
+    acc = trace.accesses()
+    assert [layer for layer, _ in acc[:6]] == [0, 1, 2, 0, 1, 2]
+    assert all(len(e) == 2 for _, e in acc)
+    # the recorded experts are the routing of a whole-sequence forward, token by token
+    model(ids[1:2])
+    r = model.blocks[2].ffn.last_routing
+    top = r.expert.view(20, 2)[7].tolist()
+    assert sorted(acc[(20 + 7) * 3 + 2][1]) == sorted(top)
+    w = trace.gate_weights()
+    assert all(a >= b for a, b in w)  # by decreasing weight
+    trace.save(tmp_path / "t.safetensors")
+    back = Trace.load(tmp_path / "t.safetensors")
+    assert back.accesses() == acc and back.meta == {"source": "test"} and torch.equal(back.token_ids, trace.token_ids)
+    assert trace.head(5).num_tokens == 5 and len(trace.head(5)) == 15
+    with pytest.raises(FileNotFoundError, match="record one"):
+        Trace.load(tmp_path / "none.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a moekit trace"):
+        Trace.load(tmp_path / "other.safetensors")
+
+
+# ----------------------------------------------------------------------------------- runtime
+
+
+@pytest.mark.parametrize("policy,partition", [("lru", "layer"), ("lfu", "global"), ("belady", "layer")])
+@pytest.mark.parametrize("budget", [0.125, 0.5])
+def test_served_decode_is_exact_and_matches_the_simulator(served, policy, partition, budget):
+    model, store = served
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (1, 24))
+    trace = record_trace(ref, ids)
+    future = Future(trace.accesses()) if policy == "belady" else None
+    server = offload(model, store, budget=budget, policy=policy, partition=partition, future=future)
+    assert not any(isinstance(p, torch.nn.Parameter) and p.dim() == 3 for p in model.parameters())
+    caches = [{} for _ in model.blocks]
+    with torch.no_grad():
+        logits = torch.cat([model(ids[:, t: t + 1], caches) for t in range(ids.shape[1])], 1)
+        want = ref(ids)
+    assert (logits - want).abs().max() <= 1e-5
+    s = server.stats()
+    sim = simulate(trace.accesses(), server.expert_bytes, trace.num_experts, server.budget_bytes, policy, partition)
+    assert (s.hits, s.misses, s.bytes_loaded) == (sim.hits, sim.misses, sim.bytes_loaded)
+    assert s.bytes_read == s.bytes_loaded and s.tokens == 24
+    assert s.resident_bytes <= server.budget_bytes
+
+
+def test_served_generate_greedy_identical(served):
+    model, store = served
+    ref = copy.deepcopy(model)
+    prompt = torch.randint(0, 128, (1, 6))
+    want = ref.generate(prompt, 12)
+    offload(model, store, budget=0.25)
+    assert torch.equal(model.generate(prompt, 12), want)
+
+
+def test_one_slot_per_layer_serves_top2(served):
+    model, store = served
+    ref = copy.deepcopy(model)
+    server = offload(model, store, budget=3 * store.expert_bytes(0))  # one expert per layer, k = 2
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), ref(ids), atol=1e-5)
+    assert server.resident_bytes() == 3 * store.expert_bytes(0)
+
+
+def test_offload_bad_input(served):
+    model, store = served
+    with pytest.raises(ValueError, match="minimum is"):
+        offload(copy.deepcopy(model), store, budget=store.expert_bytes(0))  # one expert for three layers
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        offload(copy.deepcopy(model), store, budget=0)
+    m = copy.deepcopy(model)
+    offload(m, store)
+    with pytest.raises(RuntimeError, match="inference only"):
+        m(torch.randint(0, 128, (1, 4))).sum().backward()
+
+
+@pytest.mark.parametrize("window", [1, math.inf])
+@pytest.mark.parametrize("partition", ["layer", "global"])
+def test_exact_prefetch_matches_the_simulator(served, window, partition):
+    model, store = served
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (1, 20))
+    trace = record_trace(ref, ids)
+    acc, tokens = trace.accesses(), trace.token.tolist()
+    server = offload(model, store, budget=0.5, policy="belady", partition=partition, window=window,
+                     future=Future(acc, tokens), prefetch="future")
+    caches = [{} for _ in model.blocks]
+    with torch.no_grad():
+        logits = torch.cat([model(ids[:, t: t + 1], caches) for t in range(20)], 1)
+        assert (logits - ref(ids)).abs().max() <= 1e-5
+    s = server.stats()
+    sim = simulate(acc, server.expert_bytes, trace.num_experts, server.budget_bytes, "belady", partition, window,
+                   tokens, prefetch=True)
+    assert (s.hits, s.misses, s.prefetched, s.bytes_loaded) == (sim.hits, sim.misses, sim.prefetched, sim.bytes_loaded)
+    assert s.prefetched > 0 and s.bytes_read == s.bytes_loaded
+    assert s.prefetch_precision == 1.0  # the future is exact: every prefetched expert is used
+    if partition == "layer":
+        # within a token every layer but the first is known ahead; across tokens, every layer
+        assert s.misses <= (trace.num_tokens if window == 1 else 0) * 2 + 2
+    server.close()
+
+
+def test_gate_prefetch_is_exact_and_counted(served):
+    model, store = served
+    ref = copy.deepcopy(model)
+    server = offload(model, store, budget=0.25, policy="lru", prefetch="gate")
+    ids = torch.randint(0, 128, (1, 16))
+    assert torch.equal(model.generate(ids[:, :4], 12), ref.generate(ids[:, :4], 12))
+    s = server.stats()
+    assert s.prefetched > 0 and s.bytes_read == s.bytes_loaded
+    assert 0 <= s.prefetch_precision <= 1 and 0 <= s.prefetch_recall <= 1
+    assert s.exposed_s >= 0 and s.read_s > 0
+    server.close()
+    with pytest.raises(ValueError, match="prefetch"):
+        offload(copy.deepcopy(ref), store, prefetch="next")
+    with pytest.raises(ValueError, match="needs future"):
+        offload(copy.deepcopy(ref), store, prefetch="future")
+
+
+def test_low_bit_copies_and_mixed_precision_serving(tmp_path):
+    model = _moe_gpt()
+    ref = copy.deepcopy(model)
+    store = write_store(model, tmp_path / "store", low_bit=True)
+    spec = store.layers[0]
+    assert spec.low_bytes < spec.numel * 4 / 3.5  # about a quarter of fp32, plus the scales
+    p = store.read_low(0, 3, torch.empty(spec.low_bytes, dtype=torch.uint8))
+    w = model.blocks[0].ffn.experts.gate_up_proj[3]
+    deq = p["first"].float() * p["first_scale"][:, None]
+    assert (deq - w).abs().max() <= w.abs().amax(1).max() / 127 * 0.51
+    ids = torch.randint(0, 128, (1, 24))
+    trace = record_trace(ref, ids)
+    budget = int(0.5 * store.total_bytes())
+    server = offload(model, store, budget=budget, policy="lru", low_threshold=0.49)
+    caches = [{} for _ in model.blocks]
+    with torch.no_grad():
+        logits = torch.cat([model(ids[:, t: t + 1], caches) for t in range(24)], 1)
+        want = ref(ids)
+    diff = (logits - want).abs().max()
+    assert 0 < diff < 0.05  # the int8 copies change the output a little
+    s = server.stats()
+    sim = simulate(trace.accesses(), server.expert_bytes, trace.num_experts, budget, "lru",
+                   low_bytes=[x.low_bytes for x in store.layers], weights=trace.gate_weights(), low_threshold=0.49)
+    assert s.low_bit > 0 and (s.hits, s.misses, s.low_bit, s.bytes_loaded) == (sim.hits, sim.misses, sim.low_bit,
+                                                                                sim.bytes_loaded)
+    assert s.bytes_read == s.bytes_loaded and s.resident_bytes <= budget
+    with pytest.raises(ValueError, match="int8 copies"):
+        offload(copy.deepcopy(ref), write_store(ref, tmp_path / "plain"), low_threshold=0.3)
+
+
+def test_build_batch_is_read_me_algorithm_1():
+    from collections import deque
+
+    from moekit.offload import build_batch, compare_batching, expert_aware_batches
+
+    queues = {0: deque("abc"), 1: deque("d"), 2: deque("ef")}
+    assert build_batch(queues, 4) == list("abce")  # longest queue whole, then the next fills the room and stops
+    assert build_batch(queues, 4) == list("df")
+    assert build_batch(queues, 4) == []
+    with pytest.raises(ValueError, match="max_tokens"):
+        build_batch(queues, 0)
+    items = list(range(10))
+    keys = [i % 3 for i in items]
+    batches = expert_aware_batches(items, keys, 4)
+    assert sorted(x for b in batches for x in b) == items and all(len(b) <= 4 for b in batches)
+    # 8 requests, 2 steps, 1 layer: request r needs expert r % 2; batches of 4
+    routing = [[[[r % 2]], [[r % 2]]] for r in range(8)]
+    res = compare_batching(routing, 4)
+    assert res["expert_aware"]["unique_experts"] == 1.0 and res["fcfs"]["unique_experts"] == 2.0
+    assert res["expert_aware"]["batches"] == res["fcfs"]["batches"] == 4
+
+
+def test_load_offloaded_never_loads_the_experts(tmp_path):
+    model = _moe_gpt()
+    model.save(tmp_path / "model")
+    prompt = torch.randint(0, 128, (1, 5))
+    want = model.generate(prompt, 10)
+    served, server = load_offloaded(tmp_path / "model", budget=0.5, prefetch="gate")
+    assert (tmp_path / "model" / "experts" / "manifest.json").exists()  # written on first use
+    assert not any(p.dim() == 3 for p in served.parameters())
+    assert torch.equal(served.generate(prompt, 10), want)
+    assert server.stats().bytes_read > 0
+    server.close()
+    again, _ = load_offloaded(tmp_path / "model", budget=0.25)  # the store is reused
+    assert torch.equal(again.generate(prompt, 10), want)
+    other = _moe_gpt(num_experts=4)
+    other.save(tmp_path / "other")
+    with pytest.raises(ValueError, match="another model"):
+        load_offloaded(tmp_path / "other", store=tmp_path / "model" / "experts")
+
+
+def test_generate_cli_and_engine(tmp_path, capsys):
+    from moekit.cli import main
+    from moekit.data import train_tokenizer
+    from moekit.offload.engine import Engine, parse_budget
+
+    texts = ["the cat sat on the mat and the dog ran to the park"] * 20 + ["a bird sang in the tall green tree"] * 20
+    tok, _ = train_tokenizer(texts, 300, cache_dir=tmp_path / "tok")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                          d_ff=64).with_moe(8, 2))
+    model.save(tmp_path / "run" / "model")
+    (tmp_path / "run" / "tokenizer.json").write_text(tok.to_str())
+    args = ["generate", "--model", str(tmp_path / "run" / "model"), "--prompt", "the cat", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--offload", "--budget", "25%", "--prefetch", "gate", "--low-threshold", "0.0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and plain.startswith("the cat")
+    assert "hit rate" in captured.err and (tmp_path / "run" / "model" / "experts" / "manifest.json").exists()
+    engine = Engine(tmp_path / "run" / "model", budget=0.5)
+    assert "the cat" + engine.generate("the cat", 8) + "\n" == plain
+    assert engine.stats().tokens > 0
+    engine.close()
+    assert parse_budget("25%") == 0.25 and parse_budget("64MiB") == 64 * 2**20 and parse_budget("1.5GB") == 1_500_000_000
+    assert parse_budget("0.5") == 0.5 and parse_budget("300000") == 300000
+    for bad in ("lots", "0%", "150%"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget(bad)
+
+
+def test_bench_offload_quick(tmp_path):
+    import json
+
+    from moekit.bench.offload import report_markdown, run_offload_bench
+
+    r = run_offload_bench(out=tmp_path / "offload.json", model_path=str(tmp_path / "model"), quick=True)
+    assert all(x["matches_simulator"] for x in r["served"] if "matches_simulator" in x)
+    assert all(x["max_abs_logit_diff"] <= 1e-4 for x in r["served"])
+    by = {(x["policy"], x["budget"]): x for x in r["simulated"]}
+    for b in r["budgets"]:  # Belady-MIN loads the least of the per-layer policies
+        best = by["Belady-MIN, per layer (offline optimum)", b]["loads_per_token"]
+        assert all(x["loads_per_token"] >= best - 1e-9 for (p, bb), x in by.items() if bb == b and "global" not in p)
+    saved = json.loads((tmp_path / "offload.json").read_text())
+    assert (tmp_path / "offload.png").read_bytes()[:4] == b"\x89PNG"
+    md = report_markdown(saved)
+    assert "Belady-MIN" in md and "| batch size |" in md
