@@ -438,3 +438,53 @@ def test_bench_offload_quick(tmp_path):
     assert (tmp_path / "offload.png").read_bytes()[:4] == b"\x89PNG"
     md = report_markdown(saved)
     assert "Belady-MIN" in md and "| batch size |" in md
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_hugging_face_moe_served_from_disk(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    from moekit.convert import patch_hf_model
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    if family == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=128, num_local_experts=4, **common)
+        cls = transformers.MixtralForCausalLM
+    elif family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(moe_intermediate_size=64, shared_expert_intermediate_size=128, num_experts=8,
+                                          num_experts_per_tok=2, intermediate_size=128, **common)
+        cls = transformers.Qwen2MoeForCausalLM
+    else:
+        cfg = transformers.OlmoeConfig(intermediate_size=64, num_experts=16, num_experts_per_tok=4, **common)
+        cls = transformers.OlmoeForCausalLM
+    torch.manual_seed(0)
+    hf = patch_hf_model(cls(cfg)).eval()
+    ref = copy.deepcopy(hf)
+    ids = torch.randint(0, 256, (1, 12))
+    store = write_store(hf, tmp_path / "store")
+    server = offload(hf, store, budget=0.5, policy="lfu")
+    with torch.no_grad():
+        got, want = hf(ids).logits, ref(ids).logits
+    assert (got - want).abs().max() <= 1e-5
+    assert server.stats().bytes_read > 0 and server.resident_bytes() <= server.budget_bytes
+
+
+def test_pregate_lookahead_while_generating(tmp_path):
+    """Read-ME: the PreGate routes every layer before the backbone runs, so prefetching is exact."""
+    torch.manual_seed(0)
+    spec = {"kind": "moe", "num_experts": 4, "d_ff": 32, "router": "pregate", "router_args": {}, "shared_d_ff": 32}
+    model = GPT(GPTConfig(vocab_size=128, d_model=32, n_layers=3, n_heads=2, max_seq_len=64, d_ff=64, ffn=[spec] * 3,
+                          pregate={"num_experts": 4, "d_model": 16, "n_heads": 2})).eval()
+    model.save(tmp_path / "model")
+    prompt = torch.randint(0, 128, (1, 6))
+    want = model.generate(prompt, 12)
+    served, server = load_offloaded(tmp_path / "model", budget=0.5, policy="belady", window=1, future="pregate",
+                                    prefetch="future")
+    assert torch.equal(served.generate(prompt, 12), want)
+    s = server.stats()
+    assert s.prefetch_precision == 1.0 and s.prefetched > 0
+    forwards = 1 + 12  # the prompt, then one token at a time
+    assert server.future.length == forwards * 3  # every forward told the future its 3 layers' experts first
+    assert s.misses <= 4 + forwards  # only layer 0 can miss: every later layer was prefetched while the one before ran
+    server.close()
+    with pytest.raises(ValueError, match="PreGate"):
+        offload(_moe_gpt(), write_store(_moe_gpt(), tmp_path / "s"), future="pregate")

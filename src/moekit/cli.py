@@ -29,7 +29,7 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     from .bench.offload import run_offload_bench
 
     run_offload_bench(out=args.out, model_path=args.model, sequences=args.sequences, serve_tokens=args.serve_tokens,
-                      train_steps=args.train_steps, quick=args.quick)
+                      train_steps=args.train_steps, readme=False if args.no_readme else None, quick=args.quick)
     return 0
 
 
@@ -240,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--sequences", type=int, default=16, help="held-out sequences in the trace")
     off.add_argument("--serve-tokens", type=int, default=128, help="tokens decoded by the served runtime per policy")
     off.add_argument("--train-steps", type=int, default=357, help="training steps when the model is missing")
-    off.add_argument("--quick", action="store_true", help="a short trace and run (smoke test)")
+    off.add_argument("--no-readme", action="store_true",
+                     help="skip the Read-ME model (the demo's dense GPT refactored by topic, built once in "
+                     "runs/bench/readme-topics: about 10 minutes)")
+    off.add_argument("--quick", action="store_true", help="a short trace and run, no Read-ME model (smoke test)")
     off.add_argument("--out", default="runs/bench/offload.json", help="JSON output path (the plot goes beside it)")
     off.set_defaults(func=_cmd_bench_offload)
     return p

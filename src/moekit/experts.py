@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from .dispatch import Segments
 
-__all__ = ["GroupedExperts", "ACTIVATIONS", "register_backend", "available_backends", "select_backend"]
+__all__ = ["GroupedExperts", "experts_on_meta", "ACTIVATIONS", "register_backend", "available_backends", "select_backend"]
 
 
 # ----------------------------------------------------------------------------------- activations
@@ -274,6 +275,20 @@ register_backend("loop", _loop_experts, lambda x, experts: True)
 
 # ----------------------------------------------------------------------------------- module
 
+_EXPERTS_ON_META = False
+
+
+@contextmanager
+def experts_on_meta():
+    """Build :class:`GroupedExperts` without memory: their weights on the meta device, uninitialised.
+    For models whose experts are served from elsewhere (:func:`moekit.offload.load_offloaded`)."""
+    global _EXPERTS_ON_META
+    was, _EXPERTS_ON_META = _EXPERTS_ON_META, True
+    try:
+        yield
+    finally:
+        _EXPERTS_ON_META = was
+
 
 class GroupedExperts(nn.Module):
     """``E`` independent FFNs, weights stored as 3D tensors (the Hugging Face v5 layout).
@@ -302,11 +317,12 @@ class GroupedExperts(nn.Module):
         first = "gate_up_proj" if self.act.gated else "up_proj"
         first_out = 2 * d_ff if self.act.gated else d_ff
         self._first = first
-        self.register_parameter(first, nn.Parameter(torch.empty(num_experts, first_out, d_model)))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        dev = "meta" if _EXPERTS_ON_META else None
+        self.register_parameter(first, nn.Parameter(torch.empty(num_experts, first_out, d_model, device=dev)))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff, device=dev))
         if bias:
-            self.register_parameter(first + "_bias", nn.Parameter(torch.zeros(num_experts, first_out)))
-            self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, d_model))
+            self.register_parameter(first + "_bias", nn.Parameter(torch.zeros(num_experts, first_out, device=dev)))
+            self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, d_model, device=dev))
         else:
             self.register_parameter(first + "_bias", None)
             self.down_proj_bias = None
@@ -322,6 +338,8 @@ class GroupedExperts(nn.Module):
 
     def reset_parameters(self) -> None:
         """Per-expert ``nn.Linear`` default init: U(-1/sqrt(in), 1/sqrt(in))."""
+        if self.down_proj.is_meta:
+            return
         for w in (self.first_proj, self.down_proj):
             bound = 1.0 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)

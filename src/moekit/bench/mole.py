@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from ..dispatch import Segments
 from ..experts import GroupedExperts, get_activation
 from ..models import GPT, GPTConfig
 from ..models.gpt import WEIGHTS_FILE, Rotary, read_config
-from .timing import interleaved_medians
+from .timing import interleaved_medians, peak_rss_mb, rss_mb
 
 CONFIGS = ("dense", "moe-ram", "moe-disk", "mole-disk")
 
@@ -127,11 +126,6 @@ def _load_moe_on_disk(folder: Path) -> GPT:
     return model
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _load(name: str, folder: Path) -> tuple[nn.Module, callable]:
     """The model of one configuration and a counter of the bytes it has read from disk."""
     from ..mole import load_served
@@ -166,7 +160,7 @@ def _decoder(model: nn.Module, seq: Tensor, start: int = 16):
 def _measure_memory(name: str, folder: str, vocab: int, new_tokens: int) -> dict:
     """Resident bytes, peak RSS and bytes read per new token of one configuration, alone in its process."""
     folder = Path(folder)
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
     with torch.no_grad():
         model, read = _load(name, folder)
         g = torch.Generator().manual_seed(1)
@@ -178,7 +172,7 @@ def _measure_memory(name: str, folder: str, vocab: int, new_tokens: int) -> dict
             step()
             per_token.append(read() - before)
         resident = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"config": name, "resident_param_bytes": resident, "bytes_read_per_token": statistics.mean(per_token),
             "peak_rss_mb": peak, "rss_at_start_mb": rss_start, "model_rss_mb": peak - rss_start}
 

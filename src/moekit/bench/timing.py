@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -55,3 +56,25 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+def rss_mb() -> float:
+    """This process's resident set size now, in MiB (Linux ``/proc``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size, in MiB. ``VmHWM`` belongs to the process image, so a
+    child started by fork + exec (multiprocessing's spawn) does not inherit its parent's peak, which
+    ``getrusage``'s ``ru_maxrss`` does."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

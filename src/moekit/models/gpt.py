@@ -243,7 +243,7 @@ class GPT(nn.Module):
         if self.pregate is not None:
             in_router |= {id(p) for p in self.pregate.parameters()}
         for name, p in self.named_parameters():
-            if id(p) in in_router or p.dim() < 2:
+            if id(p) in in_router or p.dim() < 2 or p.is_meta:  # meta: experts served from elsewhere
                 continue
             is_out = name.endswith(("attn.proj.weight", "down_proj", "down_proj.weight"))
             nn.init.normal_(p, std=out_std if is_out else std)

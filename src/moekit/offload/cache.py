@@ -52,11 +52,22 @@ class Future:
         for t, (layer, experts) in enumerate(accesses):
             for e in experts:
                 self.uses.setdefault((layer, int(e)), []).append(t)
-        self.accesses = accesses
+        self.accesses = list(accesses)
         self.length = len(accesses)
         self.tokens = list(range(self.length)) if tokens is None else list(tokens)
         if len(self.tokens) != self.length:
             raise ValueError(f"Future: {len(self.tokens)} tokens for {self.length} accesses")
+
+    def extend(self, accesses: Sequence[tuple[int, Sequence[int]]], tokens: Sequence[int]) -> None:
+        """Append accesses learned ahead of their use (e.g. a PreGate routing the next forward)."""
+        if len(tokens) != len(accesses):
+            raise ValueError(f"Future.extend: {len(tokens)} tokens for {len(accesses)} accesses")
+        for i, (layer, experts) in enumerate(accesses, start=self.length):
+            for e in experts:
+                self.uses.setdefault((layer, int(e)), []).append(i)
+        self.accesses = [*self.accesses, *accesses]
+        self.tokens += list(tokens)
+        self.length += len(accesses)
 
     def next_use(self, key: Key, t: int, window: float) -> float:
         """The first access index ``> t`` that needs ``key`` within ``window`` tokens; ``inf`` if none."""

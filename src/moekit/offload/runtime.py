@@ -33,7 +33,7 @@ from ..experts import get_activation
 from .cache import ExpertCache, Future, slots_for_budget
 from .store import ExpertStore, LayerSpec, moe_layers
 
-__all__ = ["ExpertServer", "OffloadedExperts", "ServeStats", "load_offloaded", "offload"]
+__all__ = ["ExpertServer", "OffloadedExperts", "ServeStats", "load_offloaded", "offload", "pregate_future"]
 
 
 @dataclass
@@ -288,15 +288,46 @@ def _attach(server: ExpertServer, layers: list[nn.Module]) -> None:
         server.hooks += [m.register_forward_pre_hook(keep_input) for m in layers]
 
 
+def pregate_future(model: nn.Module, layers: list[nn.Module]) -> Future:
+    """A :class:`Future` that the model's PreGate (Read-ME) fills as it routes: every forward first
+    routes its tokens for all layers, which appends that forward's accesses before the backbone runs,
+    so Belady's lookahead and ``prefetch="future"`` act on exact knowledge while generating."""
+    from ..routers.pregate import PreGated
+
+    gate = getattr(model, "pregate", None)
+    if gate is None or not all(isinstance(m.gate, PreGated) for m in layers):
+        raise ValueError("future='pregate' needs a model whose every MoE layer is routed by its PreGate (a moekit GPT "
+                         "with GPTConfig.pregate, e.g. from moekit.convert.refactor); pass a Future otherwise")
+    future = Future([])
+    route = gate.route
+    forwards = iter(range(1 << 62))
+
+    def routed(ids_BT: Tensor, cache: dict | None = None) -> Tensor:
+        expert_ids = route(ids_BT, cache)
+        experts = sorted(set(expert_ids.reshape(-1).tolist()))
+        t = next(forwards)
+        future.extend([(layer, experts) for layer in range(len(layers))], [t] * len(layers))
+        return expert_ids
+
+    gate.route = routed
+    return future
+
+
 def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.25, policy: str = "lru",
-            partition: str = "layer", window: float = math.inf, future: Future | None = None,
+            partition: str = "layer", window: float = math.inf, future: Future | str | None = None,
             prefetch: str | None = None, low_threshold: float | None = None, check: bool = True) -> ExpertServer:
     """Serve ``model``'s experts from ``store`` through a cache of ``budget`` (a fraction of all
     experts' bytes if ``< 1``, else bytes), in place: every MoE layer's experts are replaced (their
     memory is freed once nothing else holds them). Returns the :class:`ExpertServer` (counters:
-    ``server.stats()``). ``check`` verifies the store was written from this model."""
+    ``server.stats()``). ``check`` verifies the store was written from this model.
+    ``future``: the known future for ``policy="belady"`` and ``prefetch="future"``: a
+    :class:`Future` (e.g. of a recorded trace) or ``"pregate"`` (filled by the model's PreGate)."""
     store = _open(store)
     layers = moe_layers(model)
+    if isinstance(future, str):
+        if future != "pregate":
+            raise ValueError(f"future: unknown value {future!r}; pass a Future or 'pregate'")
+        future = pregate_future(model, layers)
     if check:
         store.check_model(model)
     elif len(layers) != len(store.layers):
@@ -310,14 +341,15 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
 def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLike | None = None,
                    budget: float | int = 0.25, low_bit: bool = False, **kw):
     """``(model, server)``: a moekit GPT saved by ``GPT.save`` at ``path``, served with its experts
-    on disk; the expert weights are never loaded into RAM (the model is built on the meta device and
-    only the other tensors are read from its safetensors). ``store`` defaults to ``path/experts``,
-    written from the checkpoint (with int8 copies if ``low_bit``) when missing. Other keyword
-    arguments go to :func:`offload`."""
+    on disk; the expert weights are never loaded into RAM (they are built on the meta device and
+    only the other tensors are read from the safetensors file). ``store`` defaults to
+    ``path/experts``, written from the checkpoint (with int8 copies if ``low_bit``) when missing.
+    Other keyword arguments go to :func:`offload`."""
     from safetensors import safe_open
 
+    from ..experts import experts_on_meta
     from ..models import GPT
-    from ..models.gpt import WEIGHTS_FILE, Rotary, read_config
+    from ..models.gpt import WEIGHTS_FILE, read_config
     from .store import write_store
 
     path = Path(path)
@@ -326,16 +358,17 @@ def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLi
     if not (folder / "manifest.json").exists():
         write_store(GPT.load(path), folder, low_bit=low_bit or kw.get("low_threshold") is not None)
     store = _open(store if isinstance(store, ExpertStore) else folder)
-    with torch.device("meta"):
+    with experts_on_meta():
         model = GPT(cfg)
     layers = moe_layers(model)
     specs = [LayerSpec.of(m) for m in layers]  # shapes only: the meta tensors know them
     if specs != store.layers:
         raise ValueError(f"{store.folder}: written for another model (expert shapes {store.layers} vs the model's "
                          f"{specs} at {path}); write a store from this model with moekit.offload.write_store")
+    if kw.get("future") == "pregate":
+        kw["future"] = pregate_future(model, layers)
     server = ExpertServer(store, _budget_bytes(budget, store), **kw)
     _attach(server, layers)
-    model = model.to_empty(device="cpu")
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
         keys = set(f.keys())
         state = {}
@@ -344,12 +377,6 @@ def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLi
             if src not in keys:
                 raise ValueError(f"{path / WEIGHTS_FILE}: no tensor {n!r}; was it written by GPT.save for this config?")
             state[n] = f.get_tensor(src)
-    if cfg.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
-        model.head.weight = model.embed.weight
     model.load_state_dict(state, strict=True)
-    for m in model.modules():  # to_empty left the non-persistent RoPE tables uninitialised
-        if isinstance(m, Rotary):
-            fresh = Rotary(m.head_dim, m.max_seq_len, m.theta)
-            m.cos, m.sin = fresh.cos, fresh.sin
     store.check_model(model)
     return model.eval(), server
