@@ -68,6 +68,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_parallel(args: argparse.Namespace) -> int:
+    from .bench.parallel import run_parallel_bench
+
+    run_parallel_bench(out=args.out, world=args.world, steps=args.steps, quick=args.quick)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -246,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--quick", action="store_true", help="a short trace and run, no Read-ME model (smoke test)")
     off.add_argument("--out", default="runs/bench/offload.json", help="JSON output path (the plot goes beside it)")
     off.set_defaults(func=_cmd_bench_offload)
+    par = bsub.add_parser(
+        "parallel", help="expert parallelism over gloo: bytes exchanged vs the lower bound, step time 1 vs N processes",
+        description="Trains the demo's top-2 MoE GPT on one global batch in one process and in --world processes "
+        "(data + expert parallel, spawned, gloo on loopback); prints bytes sent per layer and step against "
+        "tokens x k x d_model x 4 bytes each way, and the median step time.",
+    )
+    par.add_argument("--world", type=int, default=2, help="processes")
+    par.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    par.add_argument("--quick", action="store_true", help="a small model and 3 steps (smoke test)")
+    par.add_argument("--out", default="runs/bench/parallel.json", help="JSON output path")
+    par.set_defaults(func=_cmd_bench_parallel)
     return p
 
 

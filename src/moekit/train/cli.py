@@ -39,10 +39,39 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--ckpt-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--expert-parallel", type=int, default=None, metavar="N",
+                   help="shard the experts over N processes (data + expert parallel); launch with "
+                   "torchrun --nproc-per-node N -m moekit train --expert-parallel N ...")
+
+
+def _init_expert_parallel(n: int) -> int:
+    """Join the torchrun process group (gloo on CPU, NCCL on GPU); returns this process's rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:
+        raise SystemExit(f"--expert-parallel {n}: launch with torchrun --nproc-per-node {n} -m moekit train "
+                         f"--expert-parallel {n} ...")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_world_size() != n:
+        raise SystemExit(f"--expert-parallel {n} but torchrun started {dist.get_world_size()} processes; give "
+                         "--nproc-per-node the same number")
+    return dist.get_rank()
 
 
 def train_from_args(args: argparse.Namespace) -> GPT:
+    import torch
+
     out = Path(args.out)
+    ep = getattr(args, "expert_parallel", None)
+    rank = _init_expert_parallel(ep) if ep else 0
+    if ep and args.ffn != "moe":
+        raise SystemExit("--expert-parallel needs --ffn moe")
+    if ep and args.resume:
+        raise SystemExit("--resume is not supported with --expert-parallel yet; start a new run")
     docs = by_split(load_corpus(args.data))
     if not docs["validation"]:
         raise ValueError(f"--data {args.data}: no validation documents; give more text")
@@ -56,8 +85,17 @@ def train_from_args(args: argparse.Namespace) -> GPT:
                 f"vocab_size={model_cfg.vocab_size}; resume with the tokenizer the run was started with"
             )
     else:
+        if ep and rank:  # rank 0 trains the tokenizer once; the others read it from the cache
+            import torch.distributed as dist
+
+            dist.barrier()
         tokenizer, _ = train_tokenizer([d.text for d in docs["train"]], args.vocab)
-        atomic_write_text(out / "tokenizer.json", tokenizer.to_str())
+        if ep and not rank:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if rank == 0:
+            atomic_write_text(out / "tokenizer.json", tokenizer.to_str())
         model_cfg = GPTConfig(vocab_size=tokenizer.get_vocab_size(), d_model=args.d_model, n_layers=args.layers,
                               n_heads=args.heads, max_seq_len=args.seq_len, d_ff=args.d_ff)
         if args.ffn == "moe":
@@ -66,17 +104,36 @@ def train_from_args(args: argparse.Namespace) -> GPT:
                                 warmup_steps=args.warmup, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                                 minutes=args.minutes, seed=args.seed)
         run = out / "run"
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run / "config.json", json.dumps(model_cfg.to_dict(), indent=2))
-        atomic_write_text(run / "train_config.json",
-                          json.dumps({f.name: getattr(train_cfg, f.name) for f in fields(train_cfg)}, indent=2))
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run / "config.json", json.dumps(model_cfg.to_dict(), indent=2))
+            atomic_write_text(run / "train_config.json",
+                              json.dumps({f.name: getattr(train_cfg, f.name) for f in fields(train_cfg)}, indent=2))
     train = TokenStream.from_documents(docs["train"], tokenizer, "training data")
     val = TokenStream.from_documents(docs["validation"], tokenizer, "validation data")
+    torch.manual_seed(args.seed)  # every rank builds the same model
     model = GPT(model_cfg)
+    if ep:
+        from ..parallel import expert_parallel
+
+        expert_parallel(model)
     trainer = Trainer(model, train, val, train_cfg, out_dir=out, progress=not args.no_progress, name="train")
     trainer.train(resume=args.resume)
-    model.save(out / "model")
+    if ep:  # gather the experts under their global ids: the saved model loads at any parallel size
+        import torch.distributed as dist
+
+        from ..parallel import full_state_dict
+
+        state = full_state_dict(model)
+        model = GPT(model_cfg)
+        model.load_state_dict(state)
+        if rank == 0:
+            model.save(out / "model")
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        model.save(out / "model")
     last = [r for r in trainer.history if "val_ppl" in r]
-    if last:
+    if last and rank == 0:
         print(f"step {trainer.step}: validation perplexity {last[-1]['val_ppl']:.2f}; model saved to {out / 'model'}")
     return model

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..data.dataset import TokenStream
 from ..io import atomic_write_text
@@ -60,6 +61,12 @@ class TrainConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _mean_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t / dist.get_world_size(group)
+
+
 class Trainer:
     """Train ``model`` (a causal LM with ``.loss(x, y)``) on a token stream.
 
@@ -84,6 +91,12 @@ class Trainer:
         )
         self.step = 0
         self.history: list[dict] = []
+        # data + expert parallel (moekit.parallel.expert_parallel): every rank draws its own batches,
+        # gradients are synchronised, rank 0 alone writes
+        self.ep_group = getattr(model, "moekit_ep_group", False)
+        self.parallel = self.ep_group is not False
+        self.rank = dist.get_rank(self.ep_group) if self.parallel else 0
+        self.writes = self.rank == 0
 
     # ----------------------------------------------------------------------------------- io
 
@@ -93,7 +106,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # one write() of a whole line with O_APPEND: a kill never leaves half a record behind
             fd = os.open(self.out_dir / "metrics.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -103,7 +116,7 @@ class Trainer:
                 os.close(fd)
 
     def save(self) -> Path | None:
-        if self.ckpt_dir is None:
+        if self.ckpt_dir is None or self.parallel:  # expert-parallel runs save their model, not checkpoints
             return None
         return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
                                {"config": asdict(self.config), "history": self.history})
@@ -125,7 +138,7 @@ class Trainer:
     def train_step(self) -> dict:
         c = self.config
         self.model.train()
-        x, y = self.train_data.batch(self.step, c.batch_size, c.seq_len, c.seed)
+        x, y = self.train_data.batch(self.step, c.batch_size, c.seq_len, c.seed + 1009 * self.rank)
         lr = c.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -133,7 +146,14 @@ class Trainer:
         aux = aux_loss(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         (lm + aux).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip) if c.grad_clip else None
+        if self.parallel:
+            from ..parallel import clip_grad_norm, sync_gradients
+
+            sync_gradients(self.model, self.ep_group)
+            grad_norm = clip_grad_norm(self.model, c.grad_clip, self.ep_group) if c.grad_clip else None
+            lm, aux = _mean_over_ranks(lm.detach(), self.ep_group), _mean_over_ranks(aux.detach(), self.ep_group)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip) if c.grad_clip else None
         self.optimizer.step()
         self.step += 1
         return {"step": self.step, "loss": float(lm.detach()), "aux": float(aux.detach()), "lr": lr,
@@ -148,23 +168,31 @@ class Trainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         c = self.config
+        if resume and self.parallel:
+            raise ValueError("resume: an expert-parallel run keeps no optimizer checkpoints yet; start a new run "
+                             "from its saved model instead")
         if resume:
             self._resume()
-        elif self.out_dir is not None and (self.out_dir / "metrics.jsonl").exists():
+        elif self.out_dir is not None and self.writes and (self.out_dir / "metrics.jsonl").exists():
             (self.out_dir / "metrics.jsonl").unlink()
         start = time.perf_counter()
         tokens_per_step = c.batch_size * c.seq_len
         window_t, window_steps = time.perf_counter(), 0
         info = ""
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not self.progress,
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not (self.progress and self.writes),
                       transient=False) as bar:
             task = bar.add_task(self.name, total=c.steps, completed=self.step, info="")
             while self.step < c.steps:
                 rec = self.train_step()
                 window_steps += 1
                 elapsed = time.perf_counter() - start
-                if c.minutes is not None and elapsed > c.minutes * 60 and window_steps == 1 and not self.history:
+                over = c.minutes is not None and elapsed > c.minutes * 60
+                if self.parallel and c.minutes is not None:  # every rank stops at the same step, or the rest hang
+                    flag = torch.tensor(float(over))
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ep_group)
+                    over = bool(flag)
+                if over and window_steps == 1 and not self.history:
                     raise ValueError(
                         f"TrainConfig: minutes={c.minutes} is too small to train one step (one step took "
                         f"{elapsed:.1f} s); give at least {elapsed / 60 * 2:.2f} minutes or fewer tokens per step"
@@ -182,7 +210,7 @@ class Trainer:
                 if self.ckpt_dir is not None and c.ckpt_every and self.step % c.ckpt_every == 0:
                     self.save()
                 bar.update(task, completed=self.step, info=info)
-                if c.minutes is not None and elapsed > c.minutes * 60:
+                if over:
                     self._log({"step": self.step, "stopped": "wall-clock budget", "elapsed_s": elapsed})
                     break
         if self.val_data is not None:

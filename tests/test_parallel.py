@@ -1,0 +1,174 @@
+"""Expert parallelism: two gloo processes (spawn, loopback, timeouts) against one process and the naive reference."""
+
+import copy
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moekit import MoE, Routing
+from moekit.models import GPT, GPTConfig
+from moekit.parallel import expert_parallel, full_state_dict, sync_gradients
+
+from .reference import reference_moe
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+
+
+def _inputs(T: list[int], d: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return [torch.randn(t, d, generator=g) for t in T]
+
+
+def _layer_case(rank: int, router: str, T: list[int], routing_fn=None) -> None:
+    """Output and every gradient of the expert-parallel layer equal the single-process layer's."""
+    torch.manual_seed(0)
+    ref = MoE(16, 24, 8, router)
+    ep = expert_parallel(copy.deepcopy(ref))
+    xs = _inputs(T, 16)
+    gs = [torch.randn(t, 16, generator=torch.Generator().manual_seed(7 + i)) for i, t in enumerate(T)]
+    x = xs[rank].clone().requires_grad_(True)
+    r = routing_fn(T[rank]) if routing_fn else None
+    y = ep(x, routing=r) if r is not None else ep(x)
+    (y * gs[rank]).sum().backward()
+    # the single-process oracle on every rank's tokens (each rank runs it identically)
+    ref_x = [xi.clone().requires_grad_(True) for xi in xs]
+    total = 0
+    for i, xi in enumerate(ref_x):
+        ri = routing_fn(T[i]) if routing_fn else None
+        yi = ref(xi, routing=ri) if ri is not None else ref(xi)
+        if i == rank:
+            assert torch.allclose(y, yi, atol=1e-5), (router, T, (y - yi).abs().max())
+            naive, _ = reference_moe(ref, xi.detach(), ri if ri is not None else ref.gate(xi.detach()))
+            assert torch.allclose(y.detach(), naive, atol=1e-5)
+        total = total + (yi * gs[i]).sum()
+    total.backward()
+    assert torch.allclose(x.grad, ref_x[rank].grad, atol=1e-5)
+    El = 8 // WORLD
+    for name in ("gate_up_proj", "down_proj"):  # expert shards: gradients from every rank's tokens
+        p = getattr(ep.experts, name)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)  # None: no token reached this rank's experts
+        want = getattr(ref.experts, name).grad[rank * El:(rank + 1) * El]
+        assert torch.allclose(got, want, atol=1e-5), name
+    if routing_fn is None and any(p.requires_grad for p in ref.gate.parameters()):  # the replicated router: local tokens
+        g = ep.gate.weight.grad.clone()
+        dist.all_reduce(g)
+        assert torch.allclose(g, ref.gate.weight.grad, atol=1e-5)
+
+
+def _gpt_case(rank: int, tmp: str) -> None:
+    """A GPT with MoE layers: data + expert parallel training step equals the single-process step
+    on the union of the batches; checkpoints gather global experts and reload at another size."""
+    cfg = GPTConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, d_ff=64).with_moe(4, 2)
+    torch.manual_seed(0)
+    ref = GPT(cfg)
+    model = expert_parallel(copy.deepcopy(ref))
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(0, 64, (2, 12), generator=g) for _ in range(WORLD)]
+    model.loss(ids[rank][:, :-1], ids[rank][:, 1:]).backward()
+    sync_gradients(model)
+    ref_loss = sum(ref.loss(i[:, :-1], i[:, 1:]) for i in ids) / WORLD
+    ref_loss.backward()
+    full = {n: p for n, p in model.named_parameters()}
+    for n, p in ref.named_parameters():
+        got = full[n].grad
+        if got.shape != p.grad.shape:  # an expert shard
+            El = got.shape[0]
+            want = p.grad[rank * El:(rank + 1) * El]
+        else:
+            want = p.grad
+        assert torch.allclose(got, want, atol=1e-5), n
+    state = full_state_dict(model)
+    assert all(torch.equal(state[n], t) for n, t in ref.state_dict().items())
+    if rank == 0:  # written at 2 ranks, loaded at 1
+        ref.load_state_dict(state)
+        ref.save(os.path.join(tmp, "ep2"))
+    dist.barrier()
+    one = GPT.load(os.path.join(tmp, "ep2"))
+    again = expert_parallel(GPT.load(os.path.join(tmp, "ep2")))  # and at 2 again
+    with torch.no_grad():
+        assert torch.allclose(again(ids[rank]), one(ids[rank]), atol=1e-5)
+
+
+def _bad_input_case(rank: int) -> None:
+    with pytest.raises(ValueError, match="not divisible by the world size 2"):
+        expert_parallel(MoE(8, 16, 3, "topk"))
+    with pytest.raises(ValueError, match="different models"):
+        expert_parallel(MoE(8, 16, 4 if rank == 0 else 6, "topk"))
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    _init(rank, port)
+    try:
+        _layer_case(rank, "topk", [10, 7])
+        _layer_case(rank, "sigmoid_ste", [9, 12])  # ragged: any number of experts per token
+        _layer_case(rank, "expert_choice", [8, 8])
+        _layer_case(rank, "topk", [12, 0])  # rank 1 has no tokens, and still takes part in every exchange
+        # heavily skewed: every token of both ranks goes to experts 0 and 1, which live on rank 0
+        _layer_case(rank, "topk", [11, 5], lambda t: Routing.from_topk(
+            torch.tensor([[0, 1]] * t, dtype=torch.long).reshape(t, 2), torch.full((t, 2), 0.5), 8))
+        _gpt_case(rank, tmp)
+        _bad_input_case(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_two_processes(tmp_path):
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+
+
+def test_expert_parallel_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        expert_parallel(MoE(8, 16, 4, "topk"))
+
+
+def test_torchrun_trains_with_expert_parallelism(tmp_path):
+    """`torchrun --nproc-per-node 2 -m moekit train --expert-parallel 2`: a real launch; the saved
+    model holds every expert under its global id and loads in one process."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(f"paragraph {i}: the cat sat on the mat and looked around." for i in range(300)),
+                    encoding="utf-8")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "moekit", "train", "--data", str(data), "--out", str(out), "--steps", "4", "--eval-every", "2",
+           "--vocab", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--seq-len", "16",
+           "--batch-size", "2", "--warmup", "1", "--no-progress", "--ffn", "moe", "--experts", "4",
+           "--expert-parallel", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = GPT.load(out / "model")
+    assert model.blocks[0].ffn.experts.gate_up_proj.shape[0] == 4
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert any("val_ppl" in line for line in lines) and len({line for line in lines}) == len(lines)  # rank 0 only
+    bad = subprocess.run(cmd[:4] + [cmd[4]] + cmd[5:-1] + ["3"], capture_output=True, text=True, timeout=240, env=env)
+    assert bad.returncode != 0 and "torchrun started 2 processes" in bad.stderr
+
+
+def test_bench_parallel_quick(tmp_path):
+    import json
+
+    from moekit.bench.parallel import run_parallel_bench
+
+    r = run_parallel_bench(out=tmp_path / "p.json", quick=True)
+    assert [x["ratio"] for x in r["ranks"]] == [1.0, 1.0]  # no padding: exactly tokens x k x d x 4 bytes each way
+    assert r["single_process_step_s"] > 0 and json.loads((tmp_path / "p.json").read_text())["world"] == 2
