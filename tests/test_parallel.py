@@ -150,6 +150,7 @@ def test_torchrun_trains_with_expert_parallelism(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "moekit", "train", "--data", str(data), "--out", str(out), "--steps", "4", "--eval-every", "2",
+           "--ckpt-every", "2",
            "--vocab", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--seq-len", "16",
            "--batch-size", "2", "--warmup", "1", "--no-progress", "--ffn", "moe", "--experts", "4",
            "--expert-parallel", "2"]
@@ -160,6 +161,9 @@ def test_torchrun_trains_with_expert_parallelism(tmp_path):
     assert model.blocks[0].ffn.experts.gate_up_proj.shape[0] == 4
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert any("val_ppl" in line for line in lines) and len({line for line in lines}) == len(lines)  # rank 0 only
+    assert (out / "checkpoints" / "rank0-of-2" / "latest").exists() and (out / "checkpoints" / "rank1-of-2").is_dir()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=240, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     bad = subprocess.run(cmd[:4] + [cmd[4]] + cmd[5:-1] + ["3"], capture_output=True, text=True, timeout=240, env=env)
     assert bad.returncode != 0 and "torchrun started 2 processes" in bad.stderr
 

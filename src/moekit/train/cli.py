@@ -70,8 +70,6 @@ def train_from_args(args: argparse.Namespace) -> GPT:
     rank = _init_expert_parallel(ep) if ep else 0
     if ep and args.ffn != "moe":
         raise SystemExit("--expert-parallel needs --ffn moe")
-    if ep and args.resume:
-        raise SystemExit("--resume is not supported with --expert-parallel yet; start a new run")
     docs = by_split(load_corpus(args.data))
     if not docs["validation"]:
         raise ValueError(f"--data {args.data}: no validation documents; give more text")

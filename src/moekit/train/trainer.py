@@ -102,7 +102,11 @@ class Trainer:
 
     @property
     def ckpt_dir(self) -> Path | None:
-        return None if self.out_dir is None else self.out_dir / "checkpoints"
+        if self.out_dir is None:
+            return None
+        if self.parallel:  # each rank keeps its shard of the experts and of the optimizer state
+            return self.out_dir / "checkpoints" / f"rank{self.rank}-of-{dist.get_world_size(self.ep_group)}"
+        return self.out_dir / "checkpoints"
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -116,7 +120,7 @@ class Trainer:
                 os.close(fd)
 
     def save(self) -> Path | None:
-        if self.ckpt_dir is None or self.parallel:  # expert-parallel runs save their model, not checkpoints
+        if self.ckpt_dir is None:
             return None
         return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
                                {"config": asdict(self.config), "history": self.history})
@@ -124,14 +128,17 @@ class Trainer:
     def _resume(self) -> None:
         ckpt = None if self.ckpt_dir is None else latest_checkpoint(self.ckpt_dir)
         if ckpt is None:
+            hint = (" (an expert-parallel run resumes at the world size it was written at; at another size, start "
+                    "from its saved model)") if self.parallel else ""
             raise FileNotFoundError(
-                f"resume: no checkpoint under {self.ckpt_dir}; run without --resume to start a new run"
+                f"resume: no checkpoint under {self.ckpt_dir}{hint}; run without --resume to start a new run"
             )
         state = load_checkpoint(ckpt, self.model, self.optimizer)
         self.step, self.history = state["step"], state["history"]
         # forget what a killed run logged after its last checkpoint
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
-        atomic_write_text(self.out_dir / "metrics.jsonl", lines)
+        if self.writes:
+            atomic_write_text(self.out_dir / "metrics.jsonl", lines)
 
     # ----------------------------------------------------------------------------------- loop
 
@@ -168,9 +175,6 @@ class Trainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         c = self.config
-        if resume and self.parallel:
-            raise ValueError("resume: an expert-parallel run keeps no optimizer checkpoints yet; start a new run "
-                             "from its saved model instead")
         if resume:
             self._resume()
         elif self.out_dir is not None and self.writes and (self.out_dir / "metrics.jsonl").exists():
