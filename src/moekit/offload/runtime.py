@@ -76,8 +76,9 @@ class ExpertServer:
         policy, partition, window, future: see :class:`ExpertCache` and :func:`slots_for_budget`.
         prefetch: ``None``; ``"future"``: while a layer computes, a background thread loads the
             experts of the next access known from ``future`` (exact: a PreGate's routing or a
-            recorded trace), if it lies within ``window`` tokens; ``"gate"``: the next layer's router applied to this layer's input
-            predicts them (mixtral-offloading, AdapMoE; within a token only).
+            recorded trace), if it lies within ``window`` tokens; ``"gate"``: the next layer's
+            router applied to this layer's input predicts them (mixtral-offloading, AdapMoE;
+            within a token only).
         low_threshold: mixed precision (HOBBIT): a miss of an expert whose largest gate weight in
             the batch is below this is computed from its int8 copy (read into one small buffer,
             not cached, evicting nothing); needs a store written with ``low_bit=True``. The buffer
