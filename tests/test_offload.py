@@ -416,7 +416,7 @@ def test_generate_cli_and_engine(tmp_path, capsys):
     assert engine.stats().tokens > 0
     engine.close()
     assert parse_budget("25%") == 0.25 and parse_budget("64MiB") == 64 * 2**20 and parse_budget("1.5GB") == 1_500_000_000
-    assert parse_budget("0.5") == 0.5 and parse_budget("300000") == 300000
+    assert parse_budget("0.5") == 0.5 and parse_budget("300000") == 300000 and parse_budget("100%") == 1.0
     for bad in ("lots", "0%", "150%"):
         with pytest.raises(ValueError, match="budget"):
             parse_budget(bad)
@@ -488,3 +488,48 @@ def test_pregate_lookahead_while_generating(tmp_path):
     server.close()
     with pytest.raises(ValueError, match="PreGate"):
         offload(_moe_gpt(), write_store(_moe_gpt(), tmp_path / "s"), future="pregate")
+    with pytest.raises(ValueError, match="need context"):
+        load_offloaded(tmp_path / "model", prefetch="gate")
+
+
+def test_stale_or_failed_experts_are_never_served(tmp_path):
+    # a PreGate model: the store records the PreGate too
+    spec = {"kind": "moe", "num_experts": 4, "d_ff": 32, "router": "pregate", "router_args": {}}
+    cfg = GPTConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, d_ff=64, ffn=[spec] * 2,
+                    pregate={"num_experts": 4, "d_model": 16, "n_heads": 2})
+    torch.manual_seed(0)
+    a = GPT(cfg).eval()
+    torch.manual_seed(1)
+    b = GPT(cfg).eval()
+    with pytest.raises(ValueError, match="another model"):
+        write_store(a, tmp_path / "a").check_model(b)
+    # experts trained on after the store was written
+    model = _moe_gpt()
+    store = write_store(model, tmp_path / "s")
+    with torch.no_grad():
+        model.blocks[1].ffn.experts.down_proj[3].mul_(2)
+    with pytest.raises(ValueError, match="layer 1 expert 3 differs"):
+        offload(copy.deepcopy(model), store)
+    # the store beside a checkpoint follows the checkpoint
+    model.save(tmp_path / "m")
+    load_offloaded(tmp_path / "m")
+    with torch.no_grad():
+        model.blocks[0].ffn.experts.gate_up_proj.mul_(0.5)
+    model.save(tmp_path / "m")
+    served, _ = load_offloaded(tmp_path / "m", budget=0.5)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(served(ids), model(ids), atol=1e-5)
+    # a block that fails its checksum is never kept as resident, however often the caller retries
+    write_store(model, tmp_path / "c")
+    path = tmp_path / "c" / "layer_000.safetensors"
+    data = bytearray(path.read_bytes())
+    for off in ExpertStore(tmp_path / "c").offsets[0]:
+        data[off + 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    bad = copy.deepcopy(model)
+    offload(bad, tmp_path / "c", budget=0.5)
+    for _ in range(10):
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            with torch.no_grad():
+                bad(ids)

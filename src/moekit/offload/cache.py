@@ -65,7 +65,7 @@ class Future:
         for i, (layer, experts) in enumerate(accesses, start=self.length):
             for e in experts:
                 self.uses.setdefault((layer, int(e)), []).append(i)
-        self.accesses = [*self.accesses, *accesses]
+        self.accesses.extend(accesses)
         self.tokens += list(tokens)
         self.length += len(accesses)
 
@@ -243,7 +243,7 @@ class ExpertCache:
                 self.where[key] = slot
                 self.residents[pool].add(key)
                 if load is not None:
-                    load(layer, e, slot)
+                    self._guarded(load, layer, e, slot)
             if use is not None:
                 use(e, self.where[key])
             pending.discard(key)
@@ -273,8 +273,27 @@ class ExpertCache:
             self.stats.bytes_loaded += self.expert_bytes[layer]
             n += 1
             if load is not None:
-                load(layer, e, slot)
+                self._guarded(load, layer, e, slot)
         return n
+
+    def _guarded(self, load: Callable[[int, int, int], None], layer: int, expert: int, slot: int) -> None:
+        """A load that fails (checksum, short read, interrupt) leaves its expert not resident."""
+        try:
+            load(layer, expert, slot)
+        except BaseException:
+            self.drop(layer, slot)
+            raise
+
+    def drop(self, layer: int, slot: int) -> None:
+        """Forget whatever ``slot`` of ``layer``'s pool holds (its weights cannot be trusted); the slot is free."""
+        pool = self.pool_of(layer)
+        key = next((k for k in self.residents[pool] if self.where[k] == slot), None)
+        if key is not None:
+            self.residents[pool].discard(key)
+            self.unused.discard(key)
+            del self.where[key]
+        if slot not in self.free[pool]:
+            self.free[pool].append(slot)
 
     def _slot(self, pool: int, pending: set[Key], required: bool = True) -> int | None:
         if self.free[pool]:

@@ -27,7 +27,7 @@ def parse_budget(text: str | float | int) -> float | int:
             raise ValueError(f"budget: {text!r}: a percentage must lie in (0, 100]")
         return value / 100
     if not unit:
-        return value if value < 1 else int(value)
+        return value if value <= 1 else int(value)
     scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(unit[0].lower(), 1)
     if "i" in unit.lower():
         scale = {"k": 2**10, "m": 2**20, "g": 2**30}[unit[0].lower()]

@@ -132,7 +132,11 @@ class ExpertServer:
         fut = self.inflight.pop((self.cache.pool_of(layer), slot), None)
         if fut is not None:
             t0 = time.perf_counter()
-            self.read_s += fut.result()
+            try:
+                self.read_s += fut.result()
+            except BaseException:
+                self.cache.drop(layer, slot)  # the prefetched expert never arrived: not resident
+                raise
             self.exposed_s += time.perf_counter() - t0
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
@@ -167,10 +171,18 @@ class ExpertServer:
         return self.store.layers[layer].split(self.slabs[self.cache.pool_of(layer)][slot])
 
     def drain(self) -> None:
-        """Wait for every read in flight."""
+        """Wait for every read in flight (a failed one leaves its expert not resident, and raises)."""
+        failed = None
         for pool, slot in list(self.inflight):
             fut = self.inflight.pop((pool, slot))
-            self.read_s += fut.result()
+            try:
+                self.read_s += fut.result()
+            except Exception as e:  # noqa: PERF203 - every read must be accounted for
+                layer = next(i for i in range(len(self.expert_bytes)) if self.cache.pool_of(i) == pool)
+                self.cache.drop(layer, slot)
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     def stats(self) -> ServeStats:
         self.drain()
@@ -267,7 +279,7 @@ def _open(store: ExpertStore | str | os.PathLike) -> ExpertStore:
 def _budget_bytes(budget: float | int, store: ExpertStore) -> int:
     if not budget > 0:
         raise ValueError(f"offload: budget must be > 0 (a fraction of the experts' bytes, or bytes), got {budget!r}")
-    return int(budget * store.total_bytes()) if budget < 1 else int(budget)
+    return int(budget * store.total_bytes()) if budget <= 1 else int(budget)  # 1.0 is 100%, not one byte
 
 
 def _attach(server: ExpertServer, layers: list[nn.Module]) -> None:
@@ -285,6 +297,10 @@ def _attach(server: ExpertServer, layers: list[nn.Module]) -> None:
         server.x = args[0].reshape(-1, mod.d_model)
 
     server.hooks = [layers[0].register_forward_pre_hook(count)]
+    if server.prefetch == "gate" and any(getattr(m.gate, "context_keys", ()) for m in layers):
+        raise ValueError("prefetch='gate' applies the next layer's router to this layer's input, but these routers "
+                         "need context (token ids, pre-gated expert ids...); use prefetch='future' (with "
+                         "future='pregate' for a PreGate model) or no prefetch")
     if server.prefetch == "gate":
         server.hooks += [m.register_forward_pre_hook(keep_input) for m in layers]
 
@@ -318,7 +334,7 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
             partition: str = "layer", window: float = math.inf, future: Future | str | None = None,
             prefetch: str | None = None, low_threshold: float | None = None, check: bool = True) -> ExpertServer:
     """Serve ``model``'s experts from ``store`` through a cache of ``budget`` (a fraction of all
-    experts' bytes if ``< 1``, else bytes), in place: every MoE layer's experts are replaced (their
+    experts' bytes if ``<= 1``, else bytes), in place: every MoE layer's experts are replaced (their
     memory is freed once nothing else holds them). Returns the :class:`ExpertServer` (counters:
     ``server.stats()``). ``check`` verifies the store was written from this model.
     ``future``: the known future for ``policy="belady"`` and ``prefetch="future"``: a
@@ -339,6 +355,15 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
     return server
 
 
+def _stale(folder: Path, stamp: dict, low_bit: bool) -> bool:
+    """Whether the store in ``folder`` was written from another version of the checkpoint (or lacks
+    the int8 copies asked for)."""
+    import json
+
+    m = json.loads((folder / "manifest.json").read_text())
+    return m.get("source") != stamp or (low_bit and not m.get("low_bit"))
+
+
 def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLike | None = None,
                    budget: float | int = 0.25, low_bit: bool = False, **kw):
     """``(model, server)``: a moekit GPT saved by ``GPT.save`` at ``path``, served with its experts
@@ -355,10 +380,18 @@ def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLi
 
     path = Path(path)
     cfg = read_config(path)
+    weights = (path / WEIGHTS_FILE).stat()
+    stamp = {"checkpoint": str((path / WEIGHTS_FILE).resolve()), "size": weights.st_size,
+             "mtime_ns": weights.st_mtime_ns}
+    own = store is None  # path/experts is derived from the checkpoint: rebuilt whenever the checkpoint changes
     folder = Path(store.folder if isinstance(store, ExpertStore) else store or path / "experts")
-    if not (folder / "manifest.json").exists():
-        write_store(GPT.load(path), folder, low_bit=low_bit or kw.get("low_threshold") is not None)
+    want_low = low_bit or kw.get("low_threshold") is not None
+    if not (folder / "manifest.json").exists() or (own and _stale(folder, stamp, want_low)):
+        write_store(GPT.load(path), folder, low_bit=want_low, source=stamp)
     store = _open(store if isinstance(store, ExpertStore) else folder)
+    if store.source and store.source.get("checkpoint") == stamp["checkpoint"] and store.source != stamp:
+        raise ValueError(f"{store.folder}: written from an older version of {path / WEIGHTS_FILE}; write it again "
+                         "(moekit.offload.write_store) or leave store=None to have it rebuilt")
     with experts_on_meta():
         model = GPT(cfg)
     layers = moe_layers(model)

@@ -132,13 +132,19 @@ def _low_block(moe: nn.Module, e: int) -> Tensor:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """SHA-256 of every MoE layer's expert shapes and router parameters: what a store must match."""
+    """SHA-256 of every MoE layer's expert shapes and router parameters, and of a model-level
+    PreGate (Read-ME) if there is one: what a store must match. The expert weights themselves are
+    checked block by block (:meth:`ExpertStore.check_model`)."""
     h = hashlib.sha256()
+    routers = [(f"layer{i}.", moe.gate) for i, moe in enumerate(moe_layers(model))]
     for i, moe in enumerate(moe_layers(model)):
         spec = LayerSpec.of(moe)
         h.update(json.dumps([i, spec.num_experts, spec.d_model, spec.d_ff, spec.activation, spec.bias]).encode())
-        for name, p in sorted(moe.gate.state_dict().items()):
-            h.update(name.encode())
+    if isinstance(getattr(model, "pregate", None), nn.Module):
+        routers.append(("pregate.", model.pregate))
+    for prefix, module in routers:
+        for name, p in sorted(module.state_dict().items()):
+            h.update((prefix + name).encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -170,10 +176,11 @@ def _header(path: Path) -> tuple[int, dict]:
 
 
 def write_store(model: nn.Module, folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                low_bit: bool = False) -> ExpertStore:
+                low_bit: bool = False, source: dict | None = None) -> ExpertStore:
     """Write every MoE layer's experts of ``model`` to ``folder`` (replaced atomically) and open it.
     ``dtype`` is the storage dtype (default: the experts' own). ``low_bit`` also writes an int8 copy
-    of every expert (per-row scales; about a quarter of the fp32 bytes) for mixed-precision serving."""
+    of every expert (per-row scales; about a quarter of the fp32 bytes) for mixed-precision serving.
+    ``source`` (JSON) records what the store was derived from."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -186,7 +193,7 @@ def write_store(model: nn.Module, folder: str | os.PathLike, dtype: torch.dtype 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     manifest = {"format": FORMAT, "version": VERSION, "dtype": name, "fingerprint": fingerprint(model),
-                "low_bit": bool(low_bit), "layers": []}
+                "low_bit": bool(low_bit), "source": source, "layers": []}
     for i, moe in enumerate(layers):
         spec = LayerSpec.of(moe)
         blocks = {f"expert.{e}": _block(moe, e, dtype) for e in range(spec.num_experts)}
@@ -245,6 +252,7 @@ class ExpertStore:
             raise ValueError(f"{man}: unsupported dtype {m['dtype']!r}; valid dtypes are {list(DTYPES)}")
         self.dtype = DTYPES[m["dtype"]]
         self.fingerprint = m["fingerprint"]
+        self.source = m.get("source")
         self.layers = [LayerSpec(d["num_experts"], d["d_model"], d["d_ff"], d["activation"], d["bias"],
                                  d["first_out"]) for d in m["layers"]]
         self.offsets = [d["offsets"] for d in m["layers"]]
@@ -287,11 +295,23 @@ class ExpertStore:
         if fingerprint(model) != self.fingerprint:
             raise ValueError(f"{self.folder}: written for another model (router / shape fingerprint differs); "
                              "write a store from this model with moekit.offload.write_store")
+        for i, moe in enumerate(layers):  # experts still in memory: every block must be the stored one
+            ex = moe.experts
+            if not hasattr(ex, "first_proj") or ex.down_proj.is_meta:
+                continue
+            for e in range(self.layers[i].num_experts):
+                if zlib.crc32(_block(moe, e, self.dtype).view(torch.uint8).numpy().tobytes()) != self.crc32[i][e]:
+                    raise ValueError(f"{self.folder}: layer {i} expert {e} differs from the model's (the experts were "
+                                     "trained on since the store was written); write the store again with "
+                                     "moekit.offload.write_store")
 
     def read(self, layer: int, expert: int, out: Tensor) -> Tensor:
         """Read one expert's block into ``out`` (flat, contiguous, ``store.dtype``); returns ``out``."""
-        n = self.layers[layer].numel * self.dtype.itemsize
-        self._read(layer, expert, self.offsets, self.crc32, n, out[: self.layers[layer].numel].view(torch.uint8))
+        n = self.layers[layer].numel
+        if out.dtype != self.dtype or out.numel() < n or not out.is_contiguous():
+            raise ValueError(f"ExpertStore.read: out must be a contiguous {self.dtype} tensor of at least {n} elements, "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        self._read(layer, expert, self.offsets, self.crc32, n * self.dtype.itemsize, out[:n].view(torch.uint8))
         return out
 
     def read_low(self, layer: int, expert: int, out: Tensor) -> dict[str, Tensor]:
@@ -300,6 +320,9 @@ class ExpertStore:
         if not self.low_bit:
             raise ValueError(f"{self.folder}: written without int8 copies; rewrite it with write_store(..., low_bit=True)")
         n = self.layers[layer].low_bytes
+        if out.dtype != torch.uint8 or out.numel() < n:
+            raise ValueError(f"ExpertStore.read_low: out must be a uint8 tensor of at least {n} bytes, got "
+                             f"{out.dtype} {tuple(out.shape)}")
         self._read(layer, expert, self.low_offsets, self.low_crc32, n, out[:n])
         return self.layers[layer].split_low(out[:n])
 

@@ -59,6 +59,10 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
         raise ValueError(f"expert_parallel: {type(model).__name__} has no moekit MoE layer")
     _check_same_everywhere(model, group)
     W, r = dist.get_world_size(group), dist.get_rank(group)
+    with torch.no_grad():  # the replicated weights start identical everywhere (as DDP makes them): rank 0's
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src, group=group)
     for i, moe in enumerate(moes):
         if moe.num_experts % W:
             raise ValueError(f"expert_parallel: MoE layer {i} has {moe.num_experts} experts, not divisible by the "
@@ -66,7 +70,8 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     for moe in moes:
         E, El = moe.num_experts, moe.num_experts // W
         old = moe.experts
-        new = GroupedExperts(El, old.d_model, old.d_ff, old.activation, old.down_proj_bias is not None, old.backend)
+        new = GroupedExperts(El, old.d_model, old.d_ff, old.activation, old.down_proj_bias is not None,
+                             old.backend).to(device=old.down_proj.device, dtype=old.down_proj.dtype)
         with torch.no_grad():
             for name in _SHARDS:
                 p = getattr(old, name, None)
@@ -91,16 +96,21 @@ def sync_gradients(model: nn.Module, group=None) -> None:
     _require_group(group)
     W = dist.get_world_size(group)
     replicated = [p for p in model.parameters() if p.requires_grad and not is_expert_parallel(p)]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in replicated]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat /= W
-        i = 0
-        for p, g in zip(replicated, grads):
-            n = g.numel()
-            p.grad = flat[i: i + n].view_as(g).clone()
-            i += n
+    if replicated:
+        # a parameter no rank computed a gradient for keeps none (the optimizer then skips it, as in one process)
+        has = torch.tensor([float(p.grad is not None) for p in replicated], device=replicated[0].device)
+        dist.all_reduce(has, group=group)
+        live = [p for p, h in zip(replicated, has.tolist()) if h > 0]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in live]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=group)
+            flat /= W
+            i = 0
+            for p, g in zip(live, grads):
+                n = g.numel()
+                p.grad = flat[i: i + n].view_as(g).clone()
+                i += n
     for p in model.parameters():
         if is_expert_parallel(p) and p.grad is not None:
             p.grad /= W
@@ -113,7 +123,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, group=None) -> float:
     _require_group(group)
     rep = [p.grad for p in model.parameters() if p.grad is not None and not is_expert_parallel(p)]
     shard = [p.grad for p in model.parameters() if p.grad is not None and is_expert_parallel(p)]
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     for g in shard:
         sq += g.double().pow(2).sum()
     dist.all_reduce(sq, group=group)

@@ -75,7 +75,8 @@ class AllToAllDispatcher:
                              f"use a world size that divides the expert count")
         self.num_experts = num_experts
         self.local = num_experts // self.world
-        self.bytes_sent = 0  # rows x width x element size sent by this rank (tokens out and back)
+        self.bytes_sent = 0  # rows x width x element size this rank sends in forward (tokens out and back)
+        self.bytes_off_rank = 0  # the part of it that leaves the rank (rows whose expert lives elsewhere)
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Segments, EPContext]:
         W, El = self.world, self.local
@@ -95,12 +96,15 @@ class AllToAllDispatcher:
         chunk_start = starts.t().reshape(-1)  # (expert, rank) order
         chunk_len = recv_WE.t().reshape(-1)
         n = int(chunk_len.sum())
-        within = torch.arange(n) - torch.repeat_interleave(torch.cumsum(chunk_len, 0) - chunk_len, chunk_len)
+        within = torch.arange(n, device=x_TD.device) - torch.repeat_interleave(torch.cumsum(chunk_len, 0) - chunk_len,
+                                                                              chunk_len)
         perm = torch.repeat_interleave(chunk_start, chunk_len) + within
         x_local = x_recv.index_select(0, perm)
-        self.bytes_sent += 2 * x_ND.shape[0] * x_ND.shape[1] * x_ND.element_size()
+        row = x_ND.shape[1] * x_ND.element_size()
+        self.bytes_sent += 2 * x_ND.shape[0] * row
+        self.bytes_off_rank += 2 * (x_ND.shape[0] - send[self.rank]) * row
         inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(n)
+        inverse[perm] = torch.arange(n, device=perm.device)
         ctx = EPContext(token_N, weight_N, routing.num_tokens, send, recv, inverse)
         return x_local, Segments.from_counts(recv_WE.sum(0)), ctx
 

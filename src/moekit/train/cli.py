@@ -48,14 +48,13 @@ def _init_expert_parallel(n: int) -> int:
     """Join the torchrun process group (gloo on CPU, NCCL on GPU); returns this process's rank."""
     import os
 
-    import torch
     import torch.distributed as dist
 
     if "WORLD_SIZE" not in os.environ:
         raise SystemExit(f"--expert-parallel {n}: launch with torchrun --nproc-per-node {n} -m moekit train "
                          f"--expert-parallel {n} ...")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")  # the trainer runs on the CPU
     if dist.get_world_size() != n:
         raise SystemExit(f"--expert-parallel {n} but torchrun started {dist.get_world_size()} processes; give "
                          "--nproc-per-node the same number")

@@ -127,6 +127,11 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = None if self.ckpt_dir is None else latest_checkpoint(self.ckpt_dir)
+        if self.parallel:  # every rank finds its checkpoint, or all stop (a lone error would hang the others)
+            found = torch.tensor(float(ckpt is not None))
+            dist.all_reduce(found, op=dist.ReduceOp.MIN, group=self.ep_group)
+            if not found and ckpt is not None:
+                raise FileNotFoundError(f"resume: another rank has no checkpoint beside {self.ckpt_dir}; start a new run")
         if ckpt is None:
             hint = (" (an expert-parallel run resumes at the world size it was written at; at another size, start "
                     "from its saved model)") if self.parallel else ""
@@ -135,6 +140,13 @@ class Trainer:
             )
         state = load_checkpoint(ckpt, self.model, self.optimizer)
         self.step, self.history = state["step"], state["history"]
+        if self.parallel:  # a kill during a checkpoint write can leave the ranks at different steps
+            steps = torch.tensor([self.step, -self.step])
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.ep_group)
+            if int(steps[0]) != -int(steps[1]):
+                raise ValueError(f"resume: the ranks' latest checkpoints are at different steps ({-int(steps[1])} .. "
+                                 f"{int(steps[0])}); point each rank's LATEST file under {self.ckpt_dir.parent} at the "
+                                 "same step, or start a new run")
         # forget what a killed run logged after its last checkpoint
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         if self.writes:
