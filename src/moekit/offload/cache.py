@@ -187,11 +187,6 @@ class ExpertCache:
         self.t = -1  # index of the current access
         self.stats = CacheStats()
 
-    def capacity_bytes(self) -> int:
-        if len(self.slots) == 1:
-            return self.slots[0] * max(self.expert_bytes)
-        return sum(n * b for n, b in zip(self.slots, self.expert_bytes))
-
     def _score(self, key: Key) -> tuple:
         if self.policy == "lru":
             return (self.last[key],)
@@ -306,9 +301,6 @@ class ExpertCache:
         self.unused.discard(victim)
         self.stats.evictions += 1
         return self.where.pop(victim)
-
-    def resident(self) -> set[Key]:
-        return set(self.where)
 
 
 def simulate(accesses: Sequence[tuple[int, Sequence[int]]], expert_bytes: Sequence[int], num_experts: Sequence[int],

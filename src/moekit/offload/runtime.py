@@ -58,13 +58,8 @@ class ServeStats:
     resident_bytes: int
     budget_bytes: int
 
-    @property
-    def hidden_fraction(self) -> float:
-        """Share of the read time that prefetching overlapped with compute."""
-        return 1 - self.exposed_s / self.read_s if self.read_s else math.nan
-
     def as_dict(self) -> dict:
-        return {**self.__dict__, "hidden_fraction": self.hidden_fraction}
+        return dict(self.__dict__)
 
 
 class ExpertServer:

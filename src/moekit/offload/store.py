@@ -277,7 +277,6 @@ class ExpertStore:
                                  "rewrite the store with moekit.offload.write_store")
             self.fds.append(os.open(path, os.O_RDONLY))
         self.bytes_read = 0
-        self.reads = 0
         self._lock = threading.Lock()
 
     def expert_bytes(self, layer: int) -> int:
@@ -343,7 +342,6 @@ class ExpertStore:
                              "rewrite it with moekit.offload.write_store")
         with self._lock:  # prefetch threads read too
             self.bytes_read += n
-            self.reads += 1
 
     def close(self) -> None:
         for fd in self.fds:
