@@ -32,6 +32,22 @@ def _moe_gpt(**kw) -> GPT:
     return GPT(CFG.with_moe(num_experts=kw.pop("num_experts", 8), k=kw.pop("k", 2), **kw)).eval()
 
 
+def _decode(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``ids`` decoded token by token (batch-1 decoding's access stream)."""
+    caches = [{} for _ in model.blocks]
+    with torch.no_grad():
+        return torch.cat([model(ids[:, t: t + 1], caches) for t in range(ids.shape[1])], 1)
+
+
+def _traced(served, tokens: int):
+    """``(model, store, reference copy, ids, accesses, token of each access)`` for ``tokens`` random ids."""
+    model, store = served
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (1, tokens))
+    trace = record_trace(ref, ids)
+    return model, store, ref, ids, trace, trace.accesses(), trace.token.tolist()
+
+
 @pytest.fixture
 def served(tmp_path):
     model = _moe_gpt()
@@ -125,16 +141,21 @@ accesses_strategy = st.lists(
 
 
 @given(accesses=accesses_strategy, policy=st.sampled_from(["lru", "lfu", "belady"]),
-       partition=st.sampled_from(["layer", "global"]), slots=st.integers(1, 8), window=st.sampled_from([1, 5, math.inf]))
-def test_cache_invariants(accesses, policy, partition, slots, window):
+       partition=st.sampled_from(["layer", "global"]), slots=st.integers(1, 8), window=st.sampled_from([1, 5, math.inf]),
+       direct=st.sampled_from([None, "future", 2]))
+def test_cache_invariants(accesses, policy, partition, slots, window, direct):
     pools = [slots] if partition == "global" else [slots] * 3
-    cache = ExpertCache(pools, 3, [100] * 3, policy, Future(accesses), window)
+    cache = ExpertCache(pools, 3, [100] * 3, policy, Future(accesses), window, direct=direct)
     for layer, experts in accesses:
         used = []
 
         def use(e, slot, layer=layer, used=used):
-            # the expert is resident in its slot when it is computed, and no slot is shared
-            assert cache.where[(layer, e)] == slot
+            # the expert is resident in its slot when it is computed (or, computed from the store,
+            # not resident at all), and no slot is shared
+            if slot == "store":
+                assert (layer, e) not in cache.where and direct is not None
+            else:
+                assert cache.where[(layer, e)] == slot
             used.append(e)
 
         cache.access(layer, experts, use=use)
@@ -157,6 +178,40 @@ def test_belady_min_is_optimal(accesses, slots):
         assert best <= simulate(accesses, ebytes, n, budget, policy).misses
     for w in (1, 4):
         assert best <= simulate(accesses, ebytes, n, budget, "belady", window=w).misses
+
+
+@given(accesses=accesses_strategy, slots=st.integers(1, 6), partition=st.sampled_from(["layer", "global"]))
+def test_bypass_never_reads_more_than_belady_min(accesses, slots, partition):
+    """Computing a miss from the store when the future needs it after every evictable resident never
+    reads more experts than Belady-MIN (which must admit every miss)."""
+    ebytes, n = [1] * 3, [6] * 3
+    budget = slots * (1 if partition == "global" else 3)
+    bypass = simulate(accesses, ebytes, n, budget, "belady", partition, direct="future")
+    assert bypass.misses <= simulate(accesses, ebytes, n, budget, "belady", partition).misses
+    assert bypass.bytes_loaded == bypass.misses
+
+
+def test_direct_rules_known_answers():
+    seq = [(0, [e]) for e in (1, 2, 3, 1, 2, 4, 1, 2)]
+    # Belady's bypass: 3 and 4 are never needed again, so they are computed from the store and 1, 2 stay
+    s = simulate(seq, [1], [5], 2, "belady", direct="future")
+    assert (s.misses, s.direct, s.evictions) == (4, 2, 0)
+    # Fiddler's rule at batch 1 freezes the cache: it loses to LRU on a stream that moves on
+    moving = [(0, [e]) for e in (1, 2, 3, 3, 3, 3)]
+    assert simulate(moving, [1], [5], 2, "lru", direct=2).misses == 6
+    assert simulate(moving, [1], [5], 2, "lru").misses == 3
+    # ... and only misses with fewer than k tokens bypass: with k = 1 nothing does
+    assert simulate(moving, [1], [5], 2, "lru", direct=1).direct == 0
+    cache = ExpertCache([1], 1, [1], "lru", direct=3)
+    cache.access(0, [0], tokens=[5])
+    cache.access(0, [1], tokens=[5])  # five tokens: admitted, evicting 0
+    cache.access(0, [2], tokens=[2])  # two tokens: computed from the store
+    assert (cache.stats.direct, sorted(cache.where)) == (1, [(0, 1)])
+    for bad in (0, -1, "always", True, 1.5):
+        with pytest.raises(ValueError, match="direct"):
+            ExpertCache([1], 1, [1], "lru", direct=bad)
+    with pytest.raises(ValueError, match="needs the future"):
+        ExpertCache([1], 1, [1], "lru", direct="future")
 
 
 def test_belady_min_known_answer():
@@ -235,11 +290,8 @@ def test_served_decode_is_exact_and_matches_the_simulator(served, policy, partit
     future = Future(trace.accesses()) if policy == "belady" else None
     server = offload(model, store, budget=budget, policy=policy, partition=partition, future=future)
     assert not any(isinstance(p, torch.nn.Parameter) and p.dim() == 3 for p in model.parameters())
-    caches = [{} for _ in model.blocks]
     with torch.no_grad():
-        logits = torch.cat([model(ids[:, t: t + 1], caches) for t in range(ids.shape[1])], 1)
-        want = ref(ids)
-    assert (logits - want).abs().max() <= 1e-5
+        assert (_decode(model, ids) - ref(ids)).abs().max() <= 1e-5
     s = server.stats()
     sim = simulate(trace.accesses(), server.expert_bytes, trace.num_experts, server.budget_bytes, policy, partition)
     assert (s.hits, s.misses, s.bytes_loaded) == (sim.hits, sim.misses, sim.bytes_loaded)
@@ -266,12 +318,76 @@ def test_one_slot_per_layer_serves_top2(served):
     assert server.resident_bytes() == 3 * store.expert_bytes(0)
 
 
+@pytest.mark.parametrize("policy,direct", [("belady", "future"), ("lru", 2)])
+def test_served_from_the_store_is_exact_and_matches_the_simulator(served, policy, direct):
+    model, store, ref, ids, trace, acc, tokens = _traced(served, 24)
+    server = offload(model, store, budget=0.25, policy=policy, window=8, future=Future(acc, tokens), direct=direct)
+    with torch.no_grad():
+        assert (_decode(model, ids) - ref(ids)).abs().max() <= 1e-5
+    s = server.stats()
+    sim = simulate(acc, server.expert_bytes, trace.num_experts, server.budget_bytes, policy, "layer", 8, tokens,
+                   direct=direct)
+    assert (s.hits, s.misses, s.direct, s.bytes_loaded) == (sim.hits, sim.misses, sim.direct, sim.bytes_loaded)
+    assert s.direct > 0 and s.bytes_read == s.bytes_loaded and s.read_s > 0
+    assert s.resident_bytes <= server.budget_bytes
+    assert server.stream_buf.numel() * 4 <= 16 << 10  # the streaming buffer is a few rows, not an expert
+
+
+def test_from_the_store_with_biases_fp16_and_a_corrupt_block(tmp_path):
+    torch.manual_seed(0)
+    moe = MoE(16, 24, 4, "topk", activation="gelu", bias=True).eval()
+    with torch.no_grad():
+        for b in (moe.experts.up_proj_bias, moe.experts.down_proj_bias):
+            b.normal_()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        want = moe(x)
+    for dtype in (torch.float32, torch.float16):
+        store = write_store(moe, tmp_path / str(dtype), dtype=dtype)
+        spec = store.layers[0]
+        # the streamed parts are the block's, chunk by chunk, in compute order
+        buf = torch.empty(40, dtype=dtype)  # two rows of the first projection, one of down at a time
+        got = {"first": [], "bias": [], "down": []}
+        for part, _, w in store.stream(0, 2, buf):
+            got[part].append(w.clone())
+        whole = spec.split(store.read(0, 2, torch.empty(spec.numel, dtype=dtype)))
+        assert torch.equal(torch.cat(got["first"]), whole["first"]) and len(got["first"]) == 12
+        assert torch.equal(torch.cat(got["down"]), whole["down"]) and len(got["down"]) == 16
+        assert torch.equal(got["bias"][0], torch.cat([whole["first_bias"], whole["down_bias"]]))
+        m = copy.deepcopy(moe)
+        server = offload(m, store, budget=spec.numel * dtype.itemsize, direct=100)  # one slot: the rest streamed
+        with torch.no_grad():
+            out = m(x)
+        if dtype == torch.float32:
+            assert torch.allclose(out, want, atol=1e-6)
+        else:  # the fp16 store: every path reads the same fp16 weights
+            ref = copy.deepcopy(moe)
+            offload(ref, store, budget=1.0)
+            with torch.no_grad():
+                assert torch.allclose(out, ref(x), atol=1e-6)
+        assert server.stats().direct > 0
+    # a corrupt block raises before anything computed from it is returned
+    path = store.folder / "layer_000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[store.offsets[0][2] + spec.numel * 2 - 3] ^= 0xFF  # in the biases: read out of order, checksummed last
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        for _ in ExpertStore(store.folder).stream(0, 2, buf):
+            pass
+    with pytest.raises(ValueError, match="one row"):
+        next(ExpertStore(store.folder).stream(0, 1, torch.empty(4, dtype=torch.float16)))
+
+
 def test_offload_bad_input(served):
     model, store = served
     with pytest.raises(ValueError, match="minimum is"):
         offload(copy.deepcopy(model), store, budget=store.expert_bytes(0))  # one expert for three layers
     with pytest.raises(ValueError, match="budget must be > 0"):
         offload(copy.deepcopy(model), store, budget=0)
+    with pytest.raises(ValueError, match="direct"):
+        offload(copy.deepcopy(model), store, direct="sometimes")
+    with pytest.raises(ValueError, match="needs the future"):
+        offload(copy.deepcopy(model), store, direct="future")
     m = copy.deepcopy(model)
     offload(m, store)
     with pytest.raises(RuntimeError, match="inference only"):
@@ -281,17 +397,11 @@ def test_offload_bad_input(served):
 @pytest.mark.parametrize("window", [1, math.inf])
 @pytest.mark.parametrize("partition", ["layer", "global"])
 def test_exact_prefetch_matches_the_simulator(served, window, partition):
-    model, store = served
-    ref = copy.deepcopy(model)
-    ids = torch.randint(0, 128, (1, 20))
-    trace = record_trace(ref, ids)
-    acc, tokens = trace.accesses(), trace.token.tolist()
+    model, store, ref, ids, trace, acc, tokens = _traced(served, 20)
     server = offload(model, store, budget=0.5, policy="belady", partition=partition, window=window,
                      future=Future(acc, tokens), prefetch="future")
-    caches = [{} for _ in model.blocks]
     with torch.no_grad():
-        logits = torch.cat([model(ids[:, t: t + 1], caches) for t in range(20)], 1)
-        assert (logits - ref(ids)).abs().max() <= 1e-5
+        assert (_decode(model, ids) - ref(ids)).abs().max() <= 1e-5
     s = server.stats()
     sim = simulate(acc, server.expert_bytes, trace.num_experts, server.budget_bytes, "belady", partition, window,
                    tokens, prefetch=True)
@@ -335,9 +445,8 @@ def test_low_bit_copies_and_mixed_precision_serving(tmp_path):
     trace = record_trace(ref, ids)
     budget = int(0.5 * store.total_bytes())
     server = offload(model, store, budget=budget, policy="lru", low_threshold=0.49)
-    caches = [{} for _ in model.blocks]
+    logits = _decode(model, ids)
     with torch.no_grad():
-        logits = torch.cat([model(ids[:, t: t + 1], caches) for t in range(24)], 1)
         want = ref(ids)
     diff = (logits - want).abs().max()
     assert 0 < diff < 0.05  # the int8 copies change the output a little
@@ -410,6 +519,9 @@ def test_generate_cli_and_engine(tmp_path, capsys):
     assert main(args + ["--offload", "--budget", "25%", "--prefetch", "gate", "--low-threshold", "0.0"]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain and plain.startswith("the cat")
+    assert main(args + ["--offload", "--budget", "25%", "--direct", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "computed from the store" in captured.err
     assert "hit rate" in captured.err and (tmp_path / "run" / "model" / "experts" / "manifest.json").exists()
     engine = Engine(tmp_path / "run" / "model", budget=0.5)
     assert "the cat" + engine.generate("the cat", 8) + "\n" == plain
@@ -431,9 +543,11 @@ def test_bench_offload_quick(tmp_path):
     assert all(x["matches_simulator"] for x in r["served"] if "matches_simulator" in x)
     assert all(x["max_abs_logit_diff"] <= 1e-4 for x in r["served"])
     by = {(x["policy"], x["budget"]): x for x in r["simulated"]}
-    for b in r["budgets"]:  # Belady-MIN loads the least of the per-layer policies
+    for b in r["budgets"]:  # Belady-MIN reads the least of the per-layer policies that admit every miss
         best = by["Belady-MIN, per layer (offline optimum)", b]["loads_per_token"]
-        assert all(x["loads_per_token"] >= best - 1e-9 for (p, bb), x in by.items() if bb == b and "global" not in p)
+        assert all(x["loads_per_token"] >= best - 1e-9 for (p, bb), x in by.items()
+                   if bb == b and "global" not in p and "bypass" not in p)
+        assert by["Belady-MIN + bypass to the store", b]["loads_per_token"] <= best + 1e-9
     saved = json.loads((tmp_path / "offload.json").read_text())
     assert (tmp_path / "offload.png").read_bytes()[:4] == b"\x89PNG"
     md = report_markdown(saved)

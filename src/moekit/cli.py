@@ -46,13 +46,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.offload:
         engine = Engine(args.model, args.store, parse_budget(args.budget), tokenizer, policy=args.policy,
                         partition=args.partition, prefetch=None if args.prefetch == "none" else args.prefetch,
-                        low_threshold=args.low_threshold)
+                        low_threshold=args.low_threshold, direct=args.direct)
         print(args.prompt + engine.generate(args.prompt, args.max_new_tokens, args.temperature, args.seed))
         st = engine.stats()
         engine.close()
         print(f"[{st.tokens} tokens; experts in RAM {st.resident_bytes / 2**20:.1f} MiB of "
               f"{engine.server.store.total_bytes() / 2**20:.1f} MiB; hit rate {st.hit_rate:.1%}; "
-              f"{st.bytes_per_token / 2**10:,.0f} KiB read per token; {st.low_bit} misses served int8]", file=sys.stderr)
+              f"{st.bytes_per_token / 2**10:,.0f} KiB read per token; {st.low_bit} misses served int8; "
+              f"{st.direct} computed from the store]", file=sys.stderr)
         return 0
     from .models import GPT
 
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gate: the next layer's router predicts its experts, loaded while this layer computes")
     gen.add_argument("--low-threshold", type=float, default=None,
                      help="mixed precision: misses with a gate weight below this use the expert's int8 copy")
+    gen.add_argument("--direct", type=int, default=None, metavar="K",
+                     help="Fiddler's rule: once the cache is full, a missed expert that fewer than K tokens need is "
+                          "computed straight from the store instead of evicting a cached one")
     gen.set_defaults(func=_cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")

@@ -33,16 +33,20 @@ DEFAULT_MODEL = "runs/demo/variants/moe-top2/model"  # written by `make demo`
 READ_ME_MODEL = "runs/bench/readme-topics"  # the demo's dense GPT refactored by Read-ME, one expert per topic
 TRAINED_HERE = "runs/bench/moe-top2"  # where the bench trains one with the demo's settings otherwise
 BUDGETS = (0.25, 0.5, 0.75)
-#: (label, policy, partition, lookahead window in tokens)
+#: (label, policy, partition, lookahead window in tokens, direct rule)
 POLICIES = (
-    ("LRU, one global pool", "lru", "global", math.inf),
-    ("LRU, per layer", "lru", "layer", math.inf),
-    ("LFU, per layer", "lfu", "layer", math.inf),
-    ("Belady, lookahead = this token (PreGate decode)", "belady", "layer", 1),
-    ("Belady, lookahead 16 tokens", "belady", "layer", 16),
-    ("Belady-MIN, per layer (offline optimum)", "belady", "layer", math.inf),
-    ("Belady-MIN, one global pool", "belady", "global", math.inf),
+    ("LRU, one global pool", "lru", "global", math.inf, None),
+    ("LRU, per layer", "lru", "layer", math.inf, None),
+    ("LFU, per layer", "lfu", "layer", math.inf, None),
+    ("LRU + Fiddler's rule (compute misses from the store)", "lru", "layer", math.inf, 2),
+    ("Belady, lookahead = this token (PreGate decode)", "belady", "layer", 1, None),
+    ("Belady, lookahead 16 tokens", "belady", "layer", 16, None),
+    ("Belady, lookahead 16 tokens + bypass to the store", "belady", "layer", 16, "future"),
+    ("Belady-MIN, per layer (offline optimum)", "belady", "layer", math.inf, None),
+    ("Belady-MIN + bypass to the store", "belady", "layer", math.inf, "future"),
+    ("Belady-MIN, one global pool", "belady", "global", math.inf, None),
 )
+MIN_LABEL = "Belady-MIN, per layer (offline optimum)"
 #: Read-ME Table 4 (batched inference, 8 experts): capacity -> (LRU, Belady) hit rate
 READ_ME_TABLE_4_ALL = {2: (0.3390, 0.4416), 3: (0.5242, 0.6182), 4: (0.6695, 0.7721), 5: (0.8348, 0.8803)}
 
@@ -166,15 +170,17 @@ def simulate_grid(trace: Trace, expert_bytes: list[int], budgets=BUDGETS, polici
     rows = []
     for budget in budgets:
         found = {}
-        for label, policy, partition, window in policies:
-            s = simulate(acc, expert_bytes, trace.num_experts, int(budget * total), policy, partition, window, tokens)
+        for label, policy, partition, window, direct in policies:
+            s = simulate(acc, expert_bytes, trace.num_experts, int(budget * total), policy, partition, window, tokens,
+                         direct=direct)
             found[label] = s
             if progress is not None:
                 progress()
-        best = found["Belady-MIN, per layer (offline optimum)"].misses
-        for (label, policy, partition, window), s in zip(policies, found.values()):
+        best = found[MIN_LABEL].misses
+        for (label, policy, partition, window, direct), s in zip(policies, found.values()):
             rows.append({"budget": budget, "policy": label, "kind": policy, "partition": partition,
-                         "window": None if math.isinf(window) else window, "hit_rate": s.hit_rate,
+                         "window": None if math.isinf(window) else window, "direct_rule": direct, "hit_rate": s.hit_rate,
+                         "direct_share": s.direct / max(s.misses, 1),
                          "loads_per_token": s.misses / trace.num_tokens, "bytes_per_token": s.bytes_loaded / trace.num_tokens,
                          "vs_min": s.misses / best if best else math.nan,
                          "hit_rate_by_layer": [s.hits_by_layer.get(i, 0) / max(s.accesses_by_layer.get(i, 0), 1)
@@ -182,40 +188,44 @@ def simulate_grid(trace: Trace, expert_bytes: list[int], budgets=BUDGETS, polici
     return rows
 
 
-#: served configurations at 50%: (label, policy, partition, window, prefetch)
+#: served configurations at 50%: (label, policy, partition, window, prefetch, direct rule)
 SERVED = (
-    ("LRU, per layer", "lru", "layer", math.inf, None),
-    ("LRU, per layer + next-layer-gate prefetch", "lru", "layer", math.inf, "gate"),
-    ("Belady, lookahead = this token (PreGate decode)", "belady", "layer", 1, None),
-    ("Belady, lookahead = this token + exact prefetch", "belady", "layer", 1, "future"),
-    ("Belady-MIN + exact prefetch", "belady", "layer", math.inf, "future"),
+    ("LRU, per layer", "lru", "layer", math.inf, None, None),
+    ("LRU, per layer + next-layer-gate prefetch", "lru", "layer", math.inf, "gate", None),
+    ("LRU + Fiddler's rule (compute misses from the store)", "lru", "layer", math.inf, None, 2),
+    ("Belady, lookahead = this token (PreGate decode)", "belady", "layer", 1, None, None),
+    ("Belady, lookahead = this token + exact prefetch", "belady", "layer", 1, "future", None),
+    ("Belady, lookahead 16 tokens", "belady", "layer", 16, None, None),
+    ("Belady, lookahead 16 tokens + bypass to the store", "belady", "layer", 16, None, "future"),
+    ("Belady-MIN + exact prefetch", "belady", "layer", math.inf, "future", None),
 )
 
 
 @torch.no_grad()
 def serve_check(model: GPT, store, seq: torch.Tensor, trace: Trace, budget: float, label: str, policy: str,
-                partition: str, window: float, prefetch: str | None = None) -> dict:
+                partition: str, window: float, prefetch: str | None = None, direct: str | int | None = None) -> dict:
     """Decode ``seq`` token by token with the experts served from ``store``; counters against the
     simulator on the same stream (but for the predicted prefetch), logits against the in-memory model."""
     served = copy.deepcopy(model)
     acc, tokens = trace.accesses(), trace.token.tolist()
-    future = Future(acc, tokens) if policy == "belady" or prefetch == "future" else None
+    future = Future(acc, tokens) if policy == "belady" or prefetch == "future" or direct == "future" else None
     server = offload(served, store, budget=budget, policy=policy, partition=partition, window=window, future=future,
-                     prefetch=prefetch)
+                     prefetch=prefetch, direct=direct)
     caches = [{} for _ in served.blocks]
     t0 = time.perf_counter()
     logits = torch.cat([served(seq[:, t: t + 1], caches) for t in range(seq.shape[1])], 1)
     secs = time.perf_counter() - t0
     st = server.stats()
     server.close()
-    row = {"budget": budget, "policy": label, "prefetch": prefetch, "tokens": st.tokens, "tok_s": st.tokens / secs,
+    row = {"budget": budget, "policy": label, "prefetch": prefetch, "direct_rule": direct, "tokens": st.tokens,
+           "tok_s": st.tokens / secs,
            **{k: v for k, v in st.as_dict().items() if k != "tokens"},
            "exposed_share": st.exposed_s / secs, "max_abs_logit_diff": float((logits - model(seq)).abs().max())}
     if prefetch != "gate":
         sim = simulate(acc, server.expert_bytes, trace.num_experts, server.budget_bytes, policy, partition, window,
-                       tokens, prefetch=prefetch == "future")
-        row["matches_simulator"] = (st.hits, st.misses, st.prefetched, st.bytes_loaded) == (
-            sim.hits, sim.misses, sim.prefetched, sim.bytes_loaded)
+                       tokens, prefetch=prefetch == "future", direct=direct)
+        row["matches_simulator"] = (st.hits, st.misses, st.prefetched, st.direct, st.bytes_loaded) == (
+            sim.hits, sim.misses, sim.prefetched, sim.direct, sim.bytes_loaded)
     return row
 
 
@@ -296,21 +306,22 @@ def plot(rows: list[dict], path) -> None:
     from ..report import _plt, _save
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4))
     for label, *_ in POLICIES:
         rs = [r for r in rows if r["policy"] == label]
-        style = "--" if "MIN" in label else "-"
+        style = ":" if "bypass" in label or "Fiddler" in label else "--" if "MIN" in label else "-"
         x = [100 * r["budget"] for r in rs]
         axes[0].plot(x, [100 * r["hit_rate"] for r in rs], style, marker="o", label=label)
-        axes[1].plot(x, [r["bytes_per_token"] / 2**20 for r in rs], style, marker="o", label=label)
+        axes[1].plot(x, [r["bytes_per_token"] / 2**20 for r in rs], style, marker="o")
     axes[0].set_ylabel("hit rate (%)")
-    axes[1].set_ylabel("MiB loaded per token")
+    axes[1].set_ylabel("MiB read per token")
     for ax in axes:
         ax.set_xlabel("cache budget (% of all experts' bytes)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    fig.legend(loc="lower center", ncol=2, fontsize=7.5, frameon=False)
     fig.suptitle("expert cache policies on the routing of the demo's top-2 MoE (held-out text, batch-1 decode)",
                  fontsize=9)
+    fig.subplots_adjust(bottom=0.3, wspace=0.25)
     _save(fig, path)
 
 
@@ -404,9 +415,12 @@ def tables(r: dict) -> list[tuple[str, list[str], list[list]]]:
     served = r["served"]
     out.append((f"served from disk (page cache bypassed), budget 50%, {served[0]['tokens']} tokens at batch 1; in "
                 f"memory: {r['in_memory_decode_tok_s']:,.0f} tok/s",
-                ["configuration", "tok/s", "hit rate", "KiB read / token", "read ms / token", "exposed ms / token",
-                 "read cost hidden", "prefetch precision / recall", "= simulator", "max abs logit diff"],
+                ["configuration", "tok/s", "hit rate", "KiB read / token", "misses from store", "ms / read",
+                 "read ms / token", "exposed ms / token", "read cost hidden", "prefetch precision / recall",
+                 "= simulator", "max abs logit diff"],
                 [[x["policy"], f"{x['tok_s']:,.0f}", f"{x['hit_rate']:.1%}", f"{x['bytes_per_token'] / 2**10:,.0f}",
+                  f"{x.get('direct', 0) / max(x['misses'], 1):.0%}",
+                  f"{1e3 * x['read_s'] / max(x['misses'] + x['prefetched'] - x.get('low_bit', 0), 1):.2f}",
                   f"{1e3 * x['read_s'] / x['tokens']:.2f}", f"{1e3 * x['exposed_s'] / x['tokens']:.2f}",
                   "—" if h is None else f"{h:.0%}",
                   "—" if not x["prefetch"] else f"{x['prefetch_precision']:.2f} / {x['prefetch_recall']:.2f}",
@@ -443,6 +457,48 @@ def tables(r: dict) -> list[tuple[str, list[str], list[list]]]:
     return out
 
 
+def _direct_lines(r: dict, sim: dict) -> list[str]:
+    """What computing misses straight from the store (not admitting them) did, in numbers."""
+    served = {x["policy"]: x for x in r["served"]}
+    names = ("LRU, per layer", "LRU + Fiddler's rule (compute misses from the store)", "Belady, lookahead 16 tokens",
+             "Belady, lookahead 16 tokens + bypass to the store")
+    if not all((n, 0.5) in sim for n in (*names, MIN_LABEL, "Belady-MIN + bypass to the store")) or not all(
+            n in served for n in names):
+        return []
+    lru, fid, look, lookb = (sim[n, 0.5] for n in names)
+    mn, mnb = sim[MIN_LABEL, 0.5], sim["Belady-MIN + bypass to the store", 0.5]
+    s_lru, s_fid, s_look, s_lookb = (served[n] for n in names)
+
+    def per_read(x: dict) -> float:
+        return 1e3 * x["read_s"] / max(x["misses"] + x["prefetched"], 1)
+
+    cut = {b: 1 - sim["Belady-MIN + bypass to the store", b]["loads_per_token"] / sim[MIN_LABEL, b]["loads_per_token"]
+           for b in r["budgets"] if (MIN_LABEL, b) in sim}
+    return [
+        "A miss need not be admitted: it can be computed straight from the store, streamed through a 16 KiB buffer, "
+        "evicting nothing. Fiddler decides this by cost: computing on the CPU, where the weights are, beats moving "
+        "them to the GPU when few tokens need the expert. This machine has no second device: the cache and the "
+        f"store's reader share the same DRAM and cores, so a miss computed from the store reads the same bytes as a "
+        f"load ({per_read(s_lookb):.2f} vs {per_read(s_look):.2f} ms per read in the served runs above) and the "
+        "choice only changes what the cache keeps.",
+        "",
+        f"- Fiddler's rule at batch 1 (every miss has one token) stops admitting once the cache is full, so the cache "
+        f"keeps the experts it filled with first: over the {r['tokens']:,}-token trace {fid['hit_rate']:.1%} hits "
+        f"against LRU's {lru['hit_rate']:.1%} at 50%, {fid['bytes_per_token'] / lru['bytes_per_token']:.2f}x the "
+        f"bytes (the short served run: {s_fid['hit_rate']:.1%} vs {s_lru['hit_rate']:.1%} hits, {s_fid['tok_s']:,.0f} "
+        f"vs {s_lru['tok_s']:,.0f} tok/s, {per_read(s_fid):.2f} vs {per_read(s_lru):.2f} ms per read). Without a "
+        "faster place to compute, load-on-miss wins.",
+        f"- Belady's rule with bypass (compute from the store when the known future needs the missed expert after "
+        f"every expert it could evict; with the whole future it never reads more than Belady-MIN, tested): Belady-MIN + bypass "
+        f"reads {mnb['loads_per_token']:.2f} experts per token against Belady-MIN's {mn['loads_per_token']:.2f} "
+        f"(fewer reads: " + ", ".join(f"{v:.0%} at {b:.0%}" for b, v in cut.items()) + "); with 16 tokens of lookahead "
+        f"{lookb['hit_rate']:.1%} vs {look['hit_rate']:.1%} hits, served {s_lookb['tok_s']:,.0f} vs "
+        f"{s_look['tok_s']:,.0f} tok/s with {s_lookb['bytes_per_token'] / 2**10:,.0f} vs "
+        f"{s_look['bytes_per_token'] / 2**10:,.0f} KiB read per token.",
+        "",
+    ]
+
+
 def report_markdown(r: dict) -> str:
     """The benchmark's tables and what they show, for the demo's report."""
     from ..report import markdown_table
@@ -477,6 +533,7 @@ def report_markdown(r: dict) -> str:
                   "so reads slowed by the competing thread count against it); the next layer's router applied to this "
                   "layer's input predicts less well and reads more. On 2 cores the reader thread competes with the "
                   "computation, so tokens/s does not rise.", ""]
+    lines += _direct_lines(r, sim)
     if r.get("memory"):
         lines += ["Peak RSS, each configuration alone in a fresh process decoding the same tokens (torch itself is "
                   "most of it):", "", next(table), ""]

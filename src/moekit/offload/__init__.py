@@ -7,7 +7,8 @@
   :func:`simulate` to run it over a trace.
 - :mod:`.runtime`: :func:`offload` serves a model's experts from a store through that cache,
   with prefetching (exact from a known future, or predicted by the next layer's router) and
-  mixed precision (int8 copies for misses with a small gate weight).
+  mixed precision (int8 copies for misses with a small gate weight), and misses computed
+  straight from the store without being admitted (Belady's bypass rule, or Fiddler's).
 - :mod:`.batching`: Read-ME's expert-aware batching of concurrent requests.
 """
 

@@ -21,6 +21,19 @@ Policies score residents; the victim is the lowest score:
                  backbone runs) or from a recorded trace; with the whole future it is Belady-MIN,
                  the offline optimum for equal-size items and the yardstick of every other policy.
 
+A miss need not be admitted: the runtime can compute the expert straight from the store (streamed
+through a small buffer; nothing evicted). Two rules choose when:
+    ``direct="future"``  Belady's rule with bypass: when the pool is full and the known future
+                 needs the missed expert after every expert it could evict, loading it would only
+                 evict something needed sooner (for one expert per access, with the whole future,
+                 the offline optimum when misses may bypass; on multi-expert streams it read no
+                 more than Belady-MIN in every property test).
+    ``direct=k``         Fiddler's rule: an expert that fewer than ``k`` tokens of the batch need is
+                 computed where it is stored once the pool is full (at batch size 1 with ``k >= 2``
+                 every such miss: the cache keeps the experts it filled with first).
+A direct miss reads the same bytes as a load (counted in ``bytes_loaded``); it only changes what
+the cache keeps.
+
 The same :class:`ExpertCache` runs inside :class:`moekit.offload.OffloadedExperts` with real
 loads and in :func:`simulate` on a recorded trace, so the two produce the same counters.
 """
@@ -93,6 +106,7 @@ class CacheStats:
     prefetched: int = 0
     prefetch_hits: int = 0  # accesses served by an expert prefetched for them (not yet used before)
     low_bit: int = 0  # misses served by the expert's int8 copy (read, used once, not cached)
+    direct: int = 0  # misses computed straight from the store (read, used once, not cached)
     hits_by_layer: dict[int, int] = field(default_factory=dict)
     accesses_by_layer: dict[int, int] = field(default_factory=dict)
 
@@ -118,6 +132,20 @@ class CacheStats:
     def as_dict(self) -> dict:
         return {**asdict(self), "hit_rate": self.hit_rate, "loads": self.loads,
                 "prefetch_precision": self.prefetch_precision, "prefetch_recall": self.prefetch_recall}
+
+
+def check_direct(direct: str | int | None, future: Future | None) -> None:
+    """Raise unless ``direct`` is a valid rule (see :class:`ExpertCache`)."""
+    if direct is None:
+        return
+    if direct == "future":
+        if future is None:
+            raise ValueError("direct='future' needs the future accesses: pass future=Future(trace accesses) or "
+                             "future='pregate'")
+        return
+    if isinstance(direct, bool) or not isinstance(direct, int) or direct < 1:
+        raise ValueError(f"direct: expected None, 'future' or an int k >= 1 (compute a missed expert from the store when "
+                         f"fewer than k tokens need it), got {direct!r}")
 
 
 def slots_for_budget(budget_bytes: int, expert_bytes: Sequence[int], num_experts: Sequence[int],
@@ -161,11 +189,14 @@ class ExpertCache:
         window: how many tokens ahead ``"belady"`` (and prefetching) may look (see :class:`Future`;
             ``inf``: Belady-MIN).
         low_bytes: bytes of one expert's int8 copy per layer (for mixed precision).
+        direct: ``None``, ``"future"`` or an int ``k >= 1``: when a miss is computed from the store
+            instead of being admitted (see the module's docstring); ``"future"`` needs ``future``.
     """
 
     def __init__(self, slots: Sequence[int], num_layers: int, expert_bytes: Sequence[int], policy: str = "lru",
                  future: Future | None = None, window: float = math.inf,
-                 low_bytes: Sequence[int] | None = None) -> None:
+                 low_bytes: Sequence[int] | None = None, direct: str | int | None = None) -> None:
+        check_direct(direct, future)
         if policy not in POLICIES:
             raise ValueError(f"policy: unknown value {policy!r}; valid values are {list(POLICIES)}")
         if policy == "belady" and future is None:
@@ -173,7 +204,7 @@ class ExpertCache:
                              "(from a PreGate's routing or a recorded trace)")
         if len(slots) not in (1, num_layers):
             raise ValueError(f"slots: one pool or one per layer ({num_layers}), got {len(slots)}")
-        self.policy, self.future, self.window = policy, future, window
+        self.policy, self.future, self.window, self.direct = policy, future, window, direct
         self.pool_of = (lambda layer: 0) if len(slots) == 1 else (lambda layer: layer)
         self.expert_bytes = list(expert_bytes)
         self.low_bytes = list(low_bytes or [0] * num_layers)
@@ -196,16 +227,20 @@ class ExpertCache:
         return (-nxt, self.last[key])  # farthest (or never) first
 
     def access(self, layer: int, experts: Sequence[int], load: Callable[[int, int, int], None] | None = None,
-               use: Callable[[int, int | None], None] | None = None, low: Collection[int] = ()) -> None:
+               use: Callable[[int, int | str], None] | None = None, low: Collection[int] = (),
+               tokens: Sequence[int] | None = None) -> None:
         """One layer forward needs ``experts``. They are served one at a time, resident ones first:
         a miss calls ``load(layer, expert, slot)`` after freeing ``slot``, then ``use(expert, slot)``
         computes it. An expert is pinned from the start of the access until it has been used, so
         the victim is never an expert this layer still needs; one slot per pool is always enough.
-        A miss of an expert in ``low`` evicts nothing: ``use(expert, None)`` computes it from its
-        int8 copy (HOBBIT), counted in ``low_bytes``."""
+        A miss of an expert in ``low`` evicts nothing: ``use(expert, "int8")`` computes it from its
+        int8 copy (HOBBIT), counted in ``low_bytes``. A miss the ``direct`` rule keeps out of the
+        cache evicts nothing either: ``use(expert, "store")`` computes it from the store.
+        ``tokens[i]``: how many tokens need ``experts[i]`` (for ``direct=k``; default 1 each)."""
         self.t += 1
         st = self.stats
         pool = self.pool_of(layer)
+        count = {int(e): int(n) for e, n in zip(experts, tokens)} if tokens is not None else {}
         experts = sorted({int(e) for e in experts})  # one order for the runtime and the simulator
         pending = {(layer, e) for e in experts}
         for e in experts:
@@ -228,7 +263,15 @@ class ExpertCache:
                 st.low_bit += 1
                 st.bytes_loaded += self.low_bytes[layer]
                 if use is not None:
-                    use(e, None)
+                    use(e, "int8")
+                pending.discard(key)
+                continue
+            if key not in self.where and self._bypass(pool, key, pending, count.get(e, 1)):
+                st.misses += 1
+                st.direct += 1
+                st.bytes_loaded += self.expert_bytes[layer]
+                if use is not None:
+                    use(e, "store")
                 pending.discard(key)
                 continue
             if key not in self.where:
@@ -242,6 +285,18 @@ class ExpertCache:
             if use is not None:
                 use(e, self.where[key])
             pending.discard(key)
+
+    def _bypass(self, pool: int, key: Key, pending: set[Key], tokens: int) -> bool:
+        """Whether the miss of ``key`` is computed from the store rather than admitted."""
+        if self.direct is None or self.free[pool]:  # a free slot costs nothing
+            return False
+        if self.direct != "future":
+            return tokens < self.direct
+        candidates = [k for k in self.residents[pool] if k not in pending]
+        if not candidates:
+            return False
+        mine = self.future.next_use(key, self.t, self.window)
+        return all(self.future.next_use(k, self.t, self.window) < mine for k in candidates)
 
     def prefetch(self, layer: int, experts: Sequence[int], load: Callable[[int, int, int], None] | None = None,
                  protect: set[Key] | frozenset = frozenset()) -> int:
@@ -306,7 +361,8 @@ class ExpertCache:
 def simulate(accesses: Sequence[tuple[int, Sequence[int]]], expert_bytes: Sequence[int], num_experts: Sequence[int],
              budget_bytes: int, policy: str = "lru", partition: str = "layer", window: float = math.inf,
              tokens: Sequence[int] | None = None, prefetch: bool = False, low_bytes: Sequence[int] | None = None,
-             weights: Sequence[Sequence[float]] | None = None, low_threshold: float | None = None) -> CacheStats:
+             weights: Sequence[Sequence[float]] | None = None, low_threshold: float | None = None,
+             direct: str | int | None = None) -> CacheStats:
     """Run the cache over a recorded access stream (``[(layer, experts), ...]``, ``tokens[i]`` the
     token of access ``i``) and return its counters, as the runtime would.
 
@@ -315,14 +371,16 @@ def simulate(accesses: Sequence[tuple[int, Sequence[int]]], expert_bytes: Sequen
     ``window`` tokens (exact lookahead, as with a PreGate; the runtime's ``prefetch="future"``).
     ``low_threshold``: a miss of an expert whose gate weight (``weights[i]``, aligned with the
     experts of access ``i``) is below it is served by its int8 copy of ``low_bytes`` (HOBBIT); the
-    budget then keeps room for one such copy, as the runtime does."""
+    budget then keeps room for one such copy, as the runtime does. ``direct``: when a miss is computed
+    from the store instead of admitted (see :class:`ExpertCache`; each expert of an access counts one
+    token, as in batch-1 decoding)."""
     if low_threshold is not None:
         if weights is None or low_bytes is None:
             raise ValueError("simulate: low_threshold needs the gate weights of the trace and low_bytes")
         budget_bytes -= max(low_bytes)
     slots = slots_for_budget(budget_bytes, expert_bytes, num_experts, partition)
     future = Future(accesses, tokens)
-    cache = ExpertCache(slots, len(expert_bytes), expert_bytes, policy, future, window, low_bytes)
+    cache = ExpertCache(slots, len(expert_bytes), expert_bytes, policy, future, window, low_bytes, direct)
     for t, (layer, experts) in enumerate(accesses):
         if prefetch and t + 1 < len(accesses) and future.tokens[t + 1] - future.tokens[t] < window:
             nxt_layer, nxt = accesses[t + 1]

@@ -30,8 +30,10 @@ from torch import Tensor, nn
 
 from ..dispatch import LocalDispatcher, Segments
 from ..experts import get_activation
-from .cache import ExpertCache, Future, slots_for_budget
+from .cache import ExpertCache, Future, check_direct, slots_for_budget
 from .store import ExpertStore, LayerSpec, moe_layers
+
+STREAM_BYTES = 16 << 10  # the buffer a miss computed from the store is streamed through
 
 __all__ = ["ExpertServer", "OffloadedExperts", "ServeStats", "load_offloaded", "offload", "pregate_future"]
 
@@ -46,6 +48,7 @@ class ServeStats:
     misses: int  # demand loads
     prefetched: int  # loads issued ahead of use
     low_bit: int  # misses served by the int8 copy
+    direct: int  # misses computed straight from the store (not admitted)
     bytes_loaded: int
     bytes_read: int  # what the store actually read (equals bytes_loaded)
     read_s: float  # time spent reading, demand and prefetch
@@ -78,11 +81,18 @@ class ExpertServer:
             the batch is below this is computed from its int8 copy (read into one small buffer,
             not cached, evicting nothing); needs a store written with ``low_bit=True``. The buffer
             comes out of the budget.
+        direct: when a miss is computed straight from the store instead of loaded into the cache
+            (evicting nothing): ``"future"`` (Belady's rule with bypass: the known future needs it
+            after every expert it could evict; needs ``future``) or an int ``k`` (Fiddler's rule:
+            fewer than ``k`` tokens need it and no slot is free). The expert is streamed through a
+            fixed buffer of ``STREAM_BYTES`` (not counted in the budget, like the reads' own I/O
+            buffers): it reads the same bytes as a load.
     """
 
     def __init__(self, store: ExpertStore, budget_bytes: int, policy: str = "lru", partition: str = "layer",
                  window: float = math.inf, future: Future | None = None, prefetch: str | None = None,
-                 low_threshold: float | None = None) -> None:
+                 low_threshold: float | None = None, direct: str | int | None = None) -> None:
+        check_direct(direct, future)
         if prefetch not in (None, "future", "gate"):
             raise ValueError(f"prefetch: unknown value {prefetch!r}; valid values are None, 'future', 'gate'")
         if prefetch == "future" and future is None:
@@ -99,7 +109,10 @@ class ExpertServer:
         slots = slots_for_budget(budget_bytes - self.low_buf.numel(), self.expert_bytes,
                                  [s.num_experts for s in store.layers], partition)
         self.budget_bytes = budget_bytes
-        self.cache = ExpertCache(slots, L, self.expert_bytes, policy, future, window, low_bytes)
+        self.cache = ExpertCache(slots, L, self.expert_bytes, policy, future, window, low_bytes, direct)
+        widest = max(max(s.d_model, s.d_ff) for s in store.layers)
+        self.stream_buf = torch.empty(max(STREAM_BYTES // store.dtype.itemsize, widest) if direct is not None else 0,
+                                      dtype=store.dtype)
         self.row_weight: Tensor | None = None  # combine weight of each dispatched row (for low_threshold)
         self.future, self.prefetch = future, prefetch
         pools = range(len(slots))
@@ -183,7 +196,8 @@ class ExpertServer:
         self.drain()
         st = self.cache.stats
         tokens = max(self.tokens, 1)
-        return ServeStats(self.tokens, st.accesses, st.hits, st.misses, st.prefetched, st.low_bit, st.bytes_loaded,
+        return ServeStats(self.tokens, st.accesses, st.hits, st.misses, st.prefetched, st.low_bit, st.direct,
+                          st.bytes_loaded,
                           self.store.bytes_read - self.bytes_read0, self.read_s, self.exposed_s, st.hit_rate,
                           st.loads / tokens, st.bytes_loaded / tokens, st.prefetch_precision, st.prefetch_recall,
                           self.resident_bytes(), self.budget_bytes)
@@ -218,10 +232,13 @@ class OffloadedExperts(nn.Module):
         out = x_ND.new_empty(x_ND.shape[0], self.d_model)
         dt = x_ND.dtype
 
-        def use(e: int, slot: int | None) -> None:
+        def use(e: int, slot: int | str) -> None:
             rows = slice(starts[e], starts[e + 1])
-            if slot is None:
+            if slot == "int8":
                 out[rows] = self._low_bit(x_ND[rows], e)
+                return
+            if slot == "store":
+                out[rows] = self._from_store(x_ND[rows], e)
                 return
             w = self.server.weights(self.layer, slot)
             h = F.linear(x_ND[rows], w["first"].to(dt), w["first_bias"].to(dt) if "first_bias" in w else None)
@@ -234,8 +251,41 @@ class OffloadedExperts(nn.Module):
             low = [e for e in needed if float(w[starts[e]: starts[e + 1]].abs().max()) < self.server.low_threshold]
         if self.server.prefetch:
             self.server._issue_prefetch(self.layer, needed)
-        self.server.cache.access(self.layer, needed, self.server._load, use, low=low)
+        self.server.cache.access(self.layer, needed, self.server._load, use, low=low,
+                                 tokens=[seg.sizes[e] for e in needed])
         return out
+
+    def _from_store(self, x: Tensor, e: int) -> Tensor:
+        """The expert computed straight from the store, streamed a few rows at a time through the
+        server's small buffer (its own weights: equal to a loaded expert's output up to float
+        summation order). Works on transposed activations so every chunk's product is written in
+        place into contiguous rows. Only the reads count as read time."""
+        spec, dt = self.spec, x.dtype
+        x_T = x.T.contiguous()
+        h_T = x.new_empty(spec.first_out, x.shape[0])
+        y_T = x.new_empty(spec.d_model, x.shape[0])
+        a_T = bias = None
+        chunks = self.server.store.stream(self.layer, e, self.server.stream_buf)
+        reading = 0.0
+        while True:
+            t0 = time.perf_counter()
+            part, r, w = next(chunks, (None, 0, None))
+            reading += time.perf_counter() - t0
+            if part is None:
+                break
+            w = w if w.dtype == dt else w.to(dt)
+            if part == "first":
+                torch.mm(w, x_T, out=h_T[r: r + w.shape[0]])
+            elif part == "bias":  # its own small tensor, not the reused buffer
+                h_T += w[: spec.first_out, None]
+                bias = w[spec.first_out:, None]
+            else:
+                if a_T is None:
+                    a_T = self.act.apply(h_T.T).T.contiguous()
+                torch.mm(w, a_T, out=y_T[r: r + w.shape[0]])
+        self.server.read_s += reading
+        self.server.exposed_s += reading
+        return (y_T if bias is None else y_T + bias).T
 
     def _low_bit(self, x: Tensor, e: int, chunk: int = 256) -> Tensor:
         """The expert from its int8 copy, dequantised ``chunk`` output rows at a time (small scratch)."""
@@ -327,13 +377,16 @@ def pregate_future(model: nn.Module, layers: list[nn.Module]) -> Future:
 
 def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.25, policy: str = "lru",
             partition: str = "layer", window: float = math.inf, future: Future | str | None = None,
-            prefetch: str | None = None, low_threshold: float | None = None, check: bool = True) -> ExpertServer:
+            prefetch: str | None = None, low_threshold: float | None = None, direct: str | int | None = None,
+            check: bool = True) -> ExpertServer:
     """Serve ``model``'s experts from ``store`` through a cache of ``budget`` (a fraction of all
     experts' bytes if ``<= 1``, else bytes), in place: every MoE layer's experts are replaced (their
     memory is freed once nothing else holds them). Returns the :class:`ExpertServer` (counters:
     ``server.stats()``). ``check`` verifies the store was written from this model.
     ``future``: the known future for ``policy="belady"`` and ``prefetch="future"``: a
-    :class:`Future` (e.g. of a recorded trace) or ``"pregate"`` (filled by the model's PreGate)."""
+    :class:`Future` (e.g. of a recorded trace) or ``"pregate"`` (filled by the model's PreGate).
+    ``direct``: when a miss is computed straight from the store instead of admitted (see
+    :class:`ExpertServer`)."""
     store = _open(store)
     layers = moe_layers(model)
     if isinstance(future, str):
@@ -345,7 +398,7 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
     elif len(layers) != len(store.layers):
         raise ValueError(f"{store.folder}: {len(store.layers)} layers, the model has {len(layers)} MoE layers")
     server = ExpertServer(store, _budget_bytes(budget, store), policy, partition, window, future, prefetch,
-                          low_threshold)
+                          low_threshold, direct)
     _attach(server, layers)
     return server
 

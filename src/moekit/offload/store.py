@@ -23,6 +23,7 @@ import shutil
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,6 +326,63 @@ class ExpertStore:
         self._read(layer, expert, self.low_offsets, self.low_crc32, n, out[:n])
         return self.layers[layer].split_low(out[:n])
 
+    def stream(self, layer: int, expert: int, buf: Tensor) -> Iterator[tuple[str, int, Tensor]]:
+        """One expert's parts read through ``buf`` (a small flat scratch of ``store.dtype``), in the
+        order an expert is computed: ``("first", row, rows)`` chunks, then ``("bias", 0, biases)``
+        (the first projection's bias, then the down projection's; only if the layer has them), then
+        ``("down", row, rows)`` chunks. Each chunk is a view of ``buf``, valid until the next one.
+        The block's CRC-32 is checked once the last chunk has been consumed: a corrupt block raises
+        before the loop over the chunks ends, so what was computed from it is never returned."""
+        spec, size = self.layers[layer], self.dtype.itemsize
+        if not 0 <= expert < spec.num_experts:
+            raise IndexError(f"expert store: expert {expert} out of range for layer {layer} ({spec.num_experts} experts)")
+        widest = max(spec.d_model, spec.d_ff)
+        if buf.dtype != self.dtype or buf.numel() < widest or not buf.is_contiguous():
+            raise ValueError(f"ExpertStore.stream: buf must be a contiguous {self.dtype} tensor of at least {widest} "
+                             f"elements (one row), got {buf.dtype} {tuple(buf.shape)}")
+        off, fd = self.offsets[layer][expert], self.fds[layer]
+        n = spec.numel * size
+        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        crc = 0
+        raw = buf.view(torch.uint8).numpy()  # views made once: a chunk costs a read and a checksum
+
+        def rows(name: str, start: int, count: int, width: int) -> Iterator[tuple[str, int, Tensor]]:
+            nonlocal crc
+            step = max(1, buf.numel() // width)
+            views = {}
+            for r in range(0, count, step):
+                k = min(step, count - r)
+                if k not in views:
+                    views[k] = (raw[: k * width * size], buf[: k * width].view(k, width))
+                mem, chunk = views[k]
+                self._pread(fd, mem, off + (start + r * width) * size, layer, expert)
+                crc = zlib.crc32(mem, crc)
+                yield name, r, chunk
+
+        first = spec.first_out * spec.d_model
+        yield from rows("first", 0, spec.first_out, spec.d_model)
+        tail = None
+        if spec.bias:  # after both matrices in the block; read out of order, checksummed in order
+            tail = torch.empty(spec.first_out + spec.d_model, dtype=self.dtype)
+            self._pread(fd, tail.view(torch.uint8).numpy(), off + (first + spec.d_model * spec.d_ff) * size, layer,
+                        expert)
+            yield "bias", 0, tail
+        yield from rows("down", first, spec.d_model, spec.d_ff)
+        if tail is not None:
+            crc = zlib.crc32(tail.view(torch.uint8).numpy(), crc)
+        with self._lock:
+            self.bytes_read += n
+        if self.verify and crc != self.crc32[layer][expert]:
+            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: checksum mismatch, the store is corrupt; "
+                             "rewrite it with moekit.offload.write_store")
+
+    def _pread(self, fd: int, buf, off: int, layer: int, expert: int) -> None:
+        got = os.preadv(fd, [buf], off)
+        if got != len(buf):
+            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: short read ({got} of {len(buf)} bytes); "
+                             "the store is truncated, rewrite it with moekit.offload.write_store")
+
     def _read(self, layer: int, expert: int, offsets, crcs, n: int, out_u8: Tensor) -> None:
         spec = self.layers[layer]
         if not 0 <= expert < spec.num_experts:
@@ -333,10 +391,7 @@ class ExpertStore:
         if self.drop_page_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
         buf = out_u8.numpy()
-        got = os.preadv(fd, [buf], off)
-        if got != n:
-            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: short read ({got} of {n} bytes); "
-                             "the store is truncated, rewrite it with moekit.offload.write_store")
+        self._pread(fd, buf, off, layer, expert)
         if self.verify and zlib.crc32(buf) != crcs[layer][expert]:
             raise ValueError(f"{self.folder}: layer {layer} expert {expert}: checksum mismatch, the store is corrupt; "
                              "rewrite it with moekit.offload.write_store")
