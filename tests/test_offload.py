@@ -378,6 +378,43 @@ def test_from_the_store_with_biases_fp16_and_a_corrupt_block(tmp_path):
         next(ExpertStore(store.folder).stream(0, 1, torch.empty(4, dtype=torch.float16)))
 
 
+@pytest.mark.parametrize("direct", [None, "cost", 2])
+def test_experts_held_in_host_ram(served, direct):
+    """host='ram': every expert read once into host memory, the cache filled from there (the
+    mixtral-offloading / Fiddler setting); exact, and the counters are the simulator's."""
+    model, store, ref, ids, trace, acc, tokens = _traced(served, 24)
+    server = offload(model, store, budget=0.25, host="ram", direct=direct)
+    assert server.read_s == server.exposed_s == 0 and not server.cache.where  # calibration leaves no trace
+    with torch.no_grad():
+        assert (_decode(model, ids) - ref(ids)).abs().max() <= 1e-5
+    s = server.stats()
+    assert s.bytes_read == 0  # nothing read from disk while serving
+    k = server.cache.direct
+    sim = simulate(acc, server.expert_bytes, trace.num_experts, server.budget_bytes, "lru", tokens=tokens, direct=k)
+    assert (s.hits, s.misses, s.direct, s.bytes_loaded) == (sim.hits, sim.misses, sim.direct, sim.bytes_loaded)
+    if direct == "cost":
+        c = server.costs
+        assert c["device"] == "cpu" and c["host"] == "ram" and len(c["threshold"]) == 3 and k == c["threshold"]
+        layer = c["layers"][0]
+        assert layer["t_load"] > 0 and len(layer["t_cache"]) == len(layer["t_host"]) == len(layer["tokens"])
+        assert all(t >= 1 for t in c["threshold"])
+    server.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("host", ["disk", "ram"])
+def test_gpu_cache_with_cpu_compute_fallback(served, host):
+    model, store, ref, ids, trace, acc, tokens = _traced(served, 24)
+    server = offload(model.cuda(), store, budget=0.25, host=host, direct="cost", device="cuda")
+    with torch.no_grad():
+        assert (_decode(model, ids.cuda()).cpu() - ref(ids)).abs().max() <= 1e-4
+    s = server.stats()
+    sim = simulate(acc, server.expert_bytes, trace.num_experts, server.budget_bytes, "lru", tokens=tokens,
+                   direct=server.cache.direct)
+    assert (s.hits, s.misses, s.direct) == (sim.hits, sim.misses, sim.direct)
+    assert all(sl.device.type == "cuda" for sl in server.slabs)
+
+
 def test_offload_bad_input(served):
     model, store = served
     with pytest.raises(ValueError, match="minimum is"):
@@ -388,6 +425,16 @@ def test_offload_bad_input(served):
         offload(copy.deepcopy(model), store, direct="sometimes")
     with pytest.raises(ValueError, match="needs the future"):
         offload(copy.deepcopy(model), store, direct="future")
+    with pytest.raises(ValueError, match="same bytes on the same cores"):
+        offload(copy.deepcopy(model), store, direct="cost")  # one device, experts on disk: nothing to weigh
+    with pytest.raises(ValueError, match="one per layer"):
+        offload(copy.deepcopy(model), store, direct=[2, 2])  # three layers
+    with pytest.raises(ValueError, match="host"):
+        offload(copy.deepcopy(model), store, host="ssd")
+    m = copy.deepcopy(model)
+    offload(m, store, device="meta")
+    with pytest.raises(RuntimeError, match="expert cache is on meta"), torch.no_grad():
+        m(torch.randint(0, 128, (1, 4)))
     m = copy.deepcopy(model)
     offload(m, store)
     with pytest.raises(RuntimeError, match="inference only"):
@@ -522,6 +569,8 @@ def test_generate_cli_and_engine(tmp_path, capsys):
     assert main(args + ["--offload", "--budget", "25%", "--direct", "2"]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain and "computed from the store" in captured.err
+    assert main(args + ["--offload", "--host", "ram", "--direct", "cost"]) == 0
+    assert capsys.readouterr().out == plain
     assert "hit rate" in captured.err and (tmp_path / "run" / "model" / "experts" / "manifest.json").exists()
     engine = Engine(tmp_path / "run" / "model", budget=0.5)
     assert "the cat" + engine.generate("the cat", 8) + "\n" == plain

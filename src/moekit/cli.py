@@ -33,6 +33,15 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _direct_rule(text: str) -> int | str:
+    if text == "cost":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int K or 'cost', got {text!r}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -46,7 +55,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.offload:
         engine = Engine(args.model, args.store, parse_budget(args.budget), tokenizer, policy=args.policy,
                         partition=args.partition, prefetch=None if args.prefetch == "none" else args.prefetch,
-                        low_threshold=args.low_threshold, direct=args.direct)
+                        low_threshold=args.low_threshold, direct=args.direct, device=args.device, host=args.host)
         print(args.prompt + engine.generate(args.prompt, args.max_new_tokens, args.temperature, args.seed))
         st = engine.stats()
         engine.close()
@@ -208,9 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gate: the next layer's router predicts its experts, loaded while this layer computes")
     gen.add_argument("--low-threshold", type=float, default=None,
                      help="mixed precision: misses with a gate weight below this use the expert's int8 copy")
-    gen.add_argument("--direct", type=int, default=None, metavar="K",
+    gen.add_argument("--direct", type=_direct_rule, default=None, metavar="K|cost",
                      help="Fiddler's rule: once the cache is full, a missed expert that fewer than K tokens need is "
-                          "computed straight from the store instead of evicting a cached one")
+                          "computed on the CPU where it is stored instead of evicting a cached one; cost: K measured "
+                          "per layer at start-up (needs --device cuda or --host ram)")
+    gen.add_argument("--device", default="cpu", help="where the expert cache lives and the model runs (cpu, cuda)")
+    gen.add_argument("--host", default="disk", choices=["disk", "ram"],
+                     help="where the experts are kept: read from the store on every load, or all read once into RAM")
     gen.set_defaults(func=_cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")

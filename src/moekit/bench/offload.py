@@ -203,31 +203,36 @@ SERVED = (
 
 @torch.no_grad()
 def serve_check(model: GPT, store, seq: torch.Tensor, trace: Trace, budget: float, label: str, policy: str,
-                partition: str, window: float, prefetch: str | None = None, direct: str | int | None = None) -> dict:
+                partition: str, window: float, prefetch: str | None = None, direct: str | int | None = None,
+                host: str = "disk") -> dict:
     """Decode ``seq`` token by token with the experts served from ``store``; counters against the
     simulator on the same stream (but for the predicted prefetch), logits against the in-memory model."""
     served = copy.deepcopy(model)
     acc, tokens = trace.accesses(), trace.token.tolist()
     future = Future(acc, tokens) if policy == "belady" or prefetch == "future" or direct == "future" else None
     server = offload(served, store, budget=budget, policy=policy, partition=partition, window=window, future=future,
-                     prefetch=prefetch, direct=direct)
+                     prefetch=prefetch, direct=direct, host=host)
     caches = [{} for _ in served.blocks]
     t0 = time.perf_counter()
     logits = torch.cat([served(seq[:, t: t + 1], caches) for t in range(seq.shape[1])], 1)
     secs = time.perf_counter() - t0
     st = server.stats()
     server.close()
-    row = {"budget": budget, "policy": label, "prefetch": prefetch, "direct_rule": direct, "tokens": st.tokens,
+    row = {"budget": budget, "policy": label, "prefetch": prefetch, "direct_rule": direct, "host": host,
+           "costs": server.costs, "tokens": st.tokens,
            "tok_s": st.tokens / secs,
            **{k: v for k, v in st.as_dict().items() if k != "tokens"},
            "exposed_share": st.exposed_s / secs, "max_abs_logit_diff": float((logits - model(seq)).abs().max())}
     if prefetch != "gate":
         sim = simulate(acc, server.expert_bytes, trace.num_experts, server.budget_bytes, policy, partition, window,
-                       tokens, prefetch=prefetch == "future", direct=direct)
+                       tokens, prefetch=prefetch == "future", direct=server.cache.direct)
         row["matches_simulator"] = (st.hits, st.misses, st.prefetched, st.direct, st.bytes_loaded) == (
             sim.hits, sim.misses, sim.prefetched, sim.direct, sim.bytes_loaded)
     return row
 
+
+#: every expert held in host RAM, the cache a second copy in the same memory: (label, direct rule)
+HOST_RAM = (("LRU, load on miss", None), ("LRU + Fiddler's rule, threshold measured at start-up", "cost"))
 
 BATCH_SIZES = (4, 8)
 LOW_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # top-2 weights are renormalised: < 0.5 is the second expert of every token
@@ -353,6 +358,8 @@ def run_offload_bench(out: str | os.PathLike | None = "runs/bench/offload.json",
         head = trace.head(serve_tokens)
         serve_check(model, store, seq, head, 0.5, *SERVED[0])  # warm-up: the first timed row pays no start-up
         serve = [serve_check(model, store, seq, head, 0.5, *cfg) for cfg in SERVED]
+        host_ram = [serve_check(model, store, seq, head, 0.5, label, "lru", "layer", math.inf, None, direct, "ram")
+                    for label, direct in HOST_RAM]
         memory = memory_runs(str(where), str(Path(tmp) / "store"), seq[0].tolist())
         qseqs = ids[:quality_sequences, :serve_tokens]
         mixed = [mixed_precision_check(model, store, qseqs, 0.5, tau) for tau in (None, *LOW_THRESHOLDS)]
@@ -378,7 +385,7 @@ def run_offload_bench(out: str | os.PathLike | None = "runs/bench/offload.json",
               "model": str(where), "model_config": model.config.to_dict(), "tokens": trace.num_tokens,
               "sequences": int(ids.shape[0]), "num_experts": trace.num_experts, "expert_bytes": expert_bytes,
               "all_experts_bytes": total_bytes, "trace_bytes": trace_bytes, "budgets": list(BUDGETS),
-              "simulated": rows, "served": serve, "mixed_precision": mixed,
+              "simulated": rows, "served": serve, "host_ram": host_ram, "mixed_precision": mixed,
               "batching": {str(b): v for b, v in batching.items()}, "readme": readme_res, "memory": memory,
               "in_memory_decode_tok_s": in_memory_tok_s,
               "peak_rss_mb": peak_rss_mb(),
@@ -426,6 +433,25 @@ def tables(r: dict) -> list[tuple[str, list[str], list[list]]]:
                   "—" if not x["prefetch"] else f"{x['prefetch_precision']:.2f} / {x['prefetch_recall']:.2f}",
                   {True: "yes", False: "NO"}.get(x.get("matches_simulator"), "n/a"), f"{x['max_abs_logit_diff']:.1e}"]
                  for x, h in zip(served, hidden_vs_demand(served))]))
+    if r.get("host_ram"):
+        ram = r["host_ram"]
+        out.append(("experts held in host RAM, the cache a second copy in the same memory: budget 50%, "
+                    f"{ram[0]['tokens']} tokens at batch 1",
+                    ["configuration", "tok/s", "hit rate", "misses computed where stored", "KiB copied / token",
+                     "= simulator", "max abs logit diff"],
+                    [[x["policy"], f"{x['tok_s']:,.0f}", f"{x['hit_rate']:.1%}", f"{x['direct'] / max(x['misses'], 1):.0%}",
+                      f"{(x['bytes_loaded'] - x['direct'] * r['expert_bytes'][0]) / x['tokens'] / 2**10:,.0f}",
+                      {True: "yes", False: "NO"}.get(x.get("matches_simulator"), "n/a"), f"{x['max_abs_logit_diff']:.1e}"]
+                     for x in ram]))
+        cal = next((x["costs"] for x in ram if x.get("costs")), None)
+        if cal:
+            c = cal["layers"][0]
+            out.append((f"measured costs of one expert (layer 0, device {cal['device']}, experts in {cal['host']}), "
+                        f"medians: load {1e3 * c['t_load']:.3f} ms; compute from the host copy while fewer than "
+                        f"{c['threshold']} tokens need it",
+                        ["tokens", "load + compute in the cache, ms", "compute where stored, ms"],
+                        [[n, f"{1e3 * (c['t_load'] + tc):.3f}", f"{1e3 * th:.3f}"]
+                         for n, tc, th in zip(c["tokens"], c["t_cache"], c["t_host"])]))
     if r.get("memory"):
         out.append(("peak RSS, each configuration alone in a fresh process decoding the same tokens",
                     ["configuration", "expert MiB in RAM", "peak RSS MB", "growth after start MB"],
@@ -534,6 +560,20 @@ def report_markdown(r: dict) -> str:
                   "layer's input predicts less well and reads more. On 2 cores the reader thread competes with the "
                   "computation, so tokens/s does not rise.", ""]
     lines += _direct_lines(r, sim)
+    if r.get("host_ram"):
+        load, cost = r["host_ram"]
+        k = (cost.get("costs") or {}).get("threshold", ["?"])[0]
+        lines += [
+            "Fiddler's own setting keeps every expert in host memory and the cache on a GPU; its rule weighs moving an "
+            "expert into the cache against computing it on the CPU where it is. `direct=\"cost\"` measures both at "
+            "start-up, per layer shape, for 1 to 256 tokens. With no GPU here the cache can only be a second copy in "
+            "the same RAM: loading is a pure copy, computing in place costs the same as in the cache, so the measured "
+            f"rule computes every miss where it is stored (threshold {k} tokens) and decodes at "
+            f"{cost['tok_s']:,.0f} vs {load['tok_s']:,.0f} tok/s. This checks the mechanism and its measurements; the "
+            "GPU-versus-CPU trade-off itself needs a GPU:", "", next(table), "",
+            "The measured costs of one expert (layer 0, medians of 7; loading one is a "
+            f"{((cost.get('costs') or {}).get('layers') or [{}])[0].get('t_load', math.nan) * 1e3:.3f} ms copy here):",
+            "", next(table), ""]
     if r.get("memory"):
         lines += ["Peak RSS, each configuration alone in a fresh process decoding the same tokens (torch itself is "
                   "most of it):", "", next(table), ""]

@@ -134,7 +134,7 @@ class CacheStats:
                 "prefetch_precision": self.prefetch_precision, "prefetch_recall": self.prefetch_recall}
 
 
-def check_direct(direct: str | int | None, future: Future | None) -> None:
+def check_direct(direct: str | int | Sequence[int] | None, future: Future | None, num_layers: int) -> None:
     """Raise unless ``direct`` is a valid rule (see :class:`ExpertCache`)."""
     if direct is None:
         return
@@ -143,9 +143,11 @@ def check_direct(direct: str | int | None, future: Future | None) -> None:
             raise ValueError("direct='future' needs the future accesses: pass future=Future(trace accesses) or "
                              "future='pregate'")
         return
-    if isinstance(direct, bool) or not isinstance(direct, int) or direct < 1:
-        raise ValueError(f"direct: expected None, 'future' or an int k >= 1 (compute a missed expert from the store when "
-                         f"fewer than k tokens need it), got {direct!r}")
+    ks = list(direct) if isinstance(direct, (list, tuple)) else [direct]
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks) or len(ks) not in (
+            1, num_layers):
+        raise ValueError(f"direct: expected None, 'future', an int k >= 1 or one per layer ({num_layers}) (compute a "
+                         f"missed expert where it is stored when fewer than k tokens need it), got {direct!r}")
 
 
 def slots_for_budget(budget_bytes: int, expert_bytes: Sequence[int], num_experts: Sequence[int],
@@ -189,14 +191,17 @@ class ExpertCache:
         window: how many tokens ahead ``"belady"`` (and prefetching) may look (see :class:`Future`;
             ``inf``: Belady-MIN).
         low_bytes: bytes of one expert's int8 copy per layer (for mixed precision).
-        direct: ``None``, ``"future"`` or an int ``k >= 1``: when a miss is computed from the store
-            instead of being admitted (see the module's docstring); ``"future"`` needs ``future``.
+        direct: ``None``, ``"future"``, an int ``k >= 1`` or one per layer: when a miss is computed
+            from the store instead of being admitted (see the module's docstring); ``"future"``
+            needs ``future``.
     """
 
     def __init__(self, slots: Sequence[int], num_layers: int, expert_bytes: Sequence[int], policy: str = "lru",
                  future: Future | None = None, window: float = math.inf,
                  low_bytes: Sequence[int] | None = None, direct: str | int | None = None) -> None:
-        check_direct(direct, future)
+        check_direct(direct, future, num_layers)
+        if isinstance(direct, (list, tuple)):
+            direct = list(direct) if len(direct) > 1 else direct[0]
         if policy not in POLICIES:
             raise ValueError(f"policy: unknown value {policy!r}; valid values are {list(POLICIES)}")
         if policy == "belady" and future is None:
@@ -291,7 +296,8 @@ class ExpertCache:
         if self.direct is None or self.free[pool]:  # a free slot costs nothing
             return False
         if self.direct != "future":
-            return tokens < self.direct
+            k = self.direct[key[0]] if isinstance(self.direct, (list, tuple)) else self.direct
+            return tokens < k
         candidates = [k for k in self.residents[pool] if k not in pending]
         if not candidates:
             return False

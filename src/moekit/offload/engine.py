@@ -53,8 +53,8 @@ class Engine:
         store: the expert store (default ``model_dir/experts``, written on first use).
         budget: the cache, a fraction of all experts' bytes (``0.25``) or bytes.
         tokenizer: a ``tokenizers.Tokenizer``; default: ``tokenizer.json`` beside the model.
-        **serve: ``policy``, ``partition``, ``prefetch`` (``"gate"``), ``low_threshold``... (see
-            :class:`moekit.offload.ExpertServer`).
+        **serve: ``policy``, ``partition``, ``prefetch`` (``"gate"``), ``low_threshold``, ``direct``,
+            ``device``, ``host``... (see :class:`moekit.offload.ExpertServer`).
     """
 
     def __init__(self, model_dir: str | os.PathLike, store: str | os.PathLike | None = None, budget: float | int = 0.25,
@@ -67,16 +67,17 @@ class Engine:
                  seed: int | None = None) -> str | torch.Tensor:
         """Continue ``prompt`` (text, with a tokenizer; or ``[B, T]`` token ids): returns the text
         of the new tokens, or all the ids."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        device = self.server.device
+        gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("Engine.generate: a text prompt needs a tokenizer; pass tokenizer= or token ids")
-            ids = torch.tensor([self.tokenizer.encode(prompt).ids])
+            ids = torch.tensor([self.tokenizer.encode(prompt).ids], device=device)
             if ids.shape[1] == 0:
                 raise ValueError("Engine.generate: the prompt is empty")
             out = self.model.generate(ids, max_new_tokens, temperature, gen)
             return self.tokenizer.decode(out[0, ids.shape[1]:].tolist())
-        return self.model.generate(prompt, max_new_tokens, temperature, gen)
+        return self.model.generate(prompt.to(device), max_new_tokens, temperature, gen)
 
     def stats(self) -> ServeStats:
         return self.server.stats()

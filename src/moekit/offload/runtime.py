@@ -1,13 +1,15 @@
-"""Serving an MoE model whose experts stay on disk: a byte-budgeted cache in RAM in front of the store.
+"""Serving an MoE model whose experts stay on disk (or in host RAM): a byte-budgeted cache in front.
 
 :func:`offload` swaps every MoE layer's :class:`~moekit.experts.GroupedExperts` for an
 :class:`OffloadedExperts` that asks a shared :class:`ExpertServer` for the experts its tokens
 need. The server owns the cache's memory: one preallocated slab per pool, ``slots x block``
-elements, allocated once, so the budget is a real allocation that is never exceeded
-(``server.resident_bytes()``). A miss reads the expert's block
-from the store straight into its slot (``preadv``); the bookkeeping is :class:`ExpertCache`, the
-same as :func:`moekit.offload.simulate`'s, so a served run and a simulated run of the same access
-stream give the same counters.
+elements, allocated once on the cache's device (the CPU, or a GPU in front of host memory), so
+the budget is a real allocation that is never exceeded (``server.resident_bytes()``). A miss
+reads the expert's block from the store straight into its slot (``preadv``; through a pinned
+buffer for a GPU, or copied from host RAM with ``host="ram"``), or is computed on the CPU where
+it is stored (``direct``); the bookkeeping is :class:`ExpertCache`, the same as
+:func:`moekit.offload.simulate`'s, so a served run and a simulated run of the same access stream
+give the same counters.
 
 Every policy here is exact: an expert is always computed with its own weights, so the outputs are
 the in-memory model's (each expert is one ``F.linear`` pair on its rows instead of one grouped
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future as Future_
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,18 +85,37 @@ class ExpertServer:
             the batch is below this is computed from its int8 copy (read into one small buffer,
             not cached, evicting nothing); needs a store written with ``low_bit=True``. The buffer
             comes out of the budget.
-        direct: when a miss is computed straight from the store instead of loaded into the cache
-            (evicting nothing): ``"future"`` (Belady's rule with bypass: the known future needs it
-            after every expert it could evict; needs ``future``) or an int ``k`` (Fiddler's rule:
-            fewer than ``k`` tokens need it and no slot is free). The expert is streamed through a
-            fixed buffer of ``STREAM_BYTES`` (not counted in the budget, like the reads' own I/O
-            buffers): it reads the same bytes as a load.
+        direct: when a miss is computed where the expert is stored (on the CPU) instead of loaded
+            into the cache (evicting nothing): ``"future"`` (Belady's rule with bypass: the known
+            future needs it after every expert it could evict; needs ``future``), an int ``k`` or
+            one per layer (Fiddler's rule: fewer than ``k`` tokens need it and no slot is free), or
+            ``"cost"``: Fiddler's rule with each layer's ``k`` measured at start-up
+            (:meth:`calibrate`: loading an expert into ``device`` memory and computing it there,
+            against computing it on the CPU, for 1, 2, 4... tokens). From disk the expert is
+            streamed through a fixed buffer of ``STREAM_BYTES`` (not counted in the budget, like the
+            reads' own I/O buffers): it reads the same bytes as a load.
+        device: where the cache lives and the experts it holds are computed (default the CPU;
+            ``"cuda"``: a GPU cache, the model must run there too).
+        host: where the experts are stored: ``"disk"`` (the store, read on every load) or
+            ``"ram"`` (every expert read once into host memory, pinned for a GPU: the setting of
+            mixtral-offloading and Fiddler, where host RAM holds the model and the GPU budget is the
+            constraint).
     """
 
     def __init__(self, store: ExpertStore, budget_bytes: int, policy: str = "lru", partition: str = "layer",
                  window: float = math.inf, future: Future | None = None, prefetch: str | None = None,
-                 low_threshold: float | None = None, direct: str | int | None = None) -> None:
-        check_direct(direct, future)
+                 low_threshold: float | None = None, direct: str | int | Sequence[int] | None = None,
+                 device: str | torch.device | None = None, host: str = "disk") -> None:
+        self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" is the current one: compare as cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if host not in ("disk", "ram"):
+            raise ValueError(f"host: unknown value {host!r}; valid values are 'disk', 'ram'")
+        if direct == "cost" and self.device.type == "cpu" and host == "disk":
+            raise ValueError("direct='cost' weighs moving an expert into the cache's device against computing it on the "
+                             "CPU where it is stored; with device='cpu' and host='disk' both read the same bytes on the "
+                             "same cores. Pass device='cuda' or host='ram', or direct='future' / an int")
+        check_direct(None if direct == "cost" else direct, future, len(store.layers))
         if prefetch not in (None, "future", "gate"):
             raise ValueError(f"prefetch: unknown value {prefetch!r}; valid values are None, 'future', 'gate'")
         if prefetch == "future" and future is None:
@@ -109,32 +132,153 @@ class ExpertServer:
         slots = slots_for_budget(budget_bytes - self.low_buf.numel(), self.expert_bytes,
                                  [s.num_experts for s in store.layers], partition)
         self.budget_bytes = budget_bytes
-        self.cache = ExpertCache(slots, L, self.expert_bytes, policy, future, window, low_bytes, direct)
+        self.cache = ExpertCache(slots, L, self.expert_bytes, policy, future, window, low_bytes,
+                                 None if direct == "cost" else direct)
+        self.acts = [get_activation(spec.activation) for spec in store.layers]
         widest = max(max(s.d_model, s.d_ff) for s in store.layers)
-        self.stream_buf = torch.empty(max(STREAM_BYTES // store.dtype.itemsize, widest) if direct is not None else 0,
+        streams = direct is not None and host == "disk"
+        self.stream_buf = torch.empty(max(STREAM_BYTES // store.dtype.itemsize, widest) if streams else 0,
                                       dtype=store.dtype)
+        pin = self.device.type == "cuda"
+        self.host_blocks = None if host == "disk" else [
+            [store.read(i, e, torch.empty(spec.numel, dtype=store.dtype, pin_memory=pin)) for e in range(spec.num_experts)]
+            for i, spec in enumerate(store.layers)]
+        self.host_parts = None if host == "disk" else [  # views, made once
+            [spec.split(block) for block in blocks] for spec, blocks in zip(store.layers, self.host_blocks)]
+        self.staging = threading.local()  # disk -> pinned host buffer -> GPU, one buffer per reading thread
+        self.views: dict[tuple[LayerSpec, int, int], dict[str, Tensor]] = {}
         self.row_weight: Tensor | None = None  # combine weight of each dispatched row (for low_threshold)
         self.future, self.prefetch = future, prefetch
         pools = range(len(slots))
         width = [max(store.layers[i].numel for i in range(L) if self.cache.pool_of(i) == p) for p in pools]
-        self.slabs = [torch.empty(n, w, dtype=store.dtype) for n, w in zip(slots, width)]
+        self.slabs = [torch.empty(n, w, dtype=store.dtype, device=self.device) for n, w in zip(slots, width)]
         self.inflight: dict[tuple[int, int], Future_] = {}  # (pool, slot) -> read in progress
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if prefetch else None
         self.moes: list[nn.Module] = []  # set by offload(): the routers predict the next layer
         self.x: Tensor | None = None  # the running MoE layer's input (for prefetch="gate")
         self.read_s = 0.0
         self.exposed_s = 0.0
+        self.costs: dict | None = None
+        if direct == "cost":
+            self.costs = self.calibrate()
+            self.cache.direct = self.costs["threshold"]
         self.bytes_read0 = store.bytes_read
         self.tokens = 0
 
     def resident_bytes(self) -> int:
-        """Bytes of expert weights held in RAM (the slabs and the int8 buffer)."""
+        """Bytes of expert weights held in the cache's memory (the slabs and the int8 buffer)."""
         return sum(s.numel() * s.element_size() for s in self.slabs) + self.low_buf.numel()
 
     def _read(self, layer: int, expert: int, slot: int) -> float:
+        """Load an expert into a slot: from the host copy, or read from the store (straight into the
+        slot on the CPU, through a pinned buffer for a GPU). Returns the seconds it took."""
         t0 = time.perf_counter()
-        self.store.read(layer, expert, self.slabs[self.cache.pool_of(layer)][slot])
+        n = self.store.layers[layer].numel
+        dst = self.slabs[self.cache.pool_of(layer)][slot]
+        if self.host_blocks is not None:
+            dst[:n].copy_(self.host_blocks[layer][expert])
+        elif self.device.type == "cpu":
+            self.store.read(layer, expert, dst)
+        else:
+            buf = getattr(self.staging, "buf", None)
+            if buf is None or buf.numel() < n:
+                buf = self.staging.buf = torch.empty(max(s.numel for s in self.store.layers), dtype=self.store.dtype,
+                                                     pin_memory=True)
+            dst[:n].copy_(self.store.read(layer, expert, buf)[:n])  # synchronous: the pinned buffer is reused
         return time.perf_counter() - t0
+
+    def compute(self, layer: int, x: Tensor, w: dict[str, Tensor]) -> Tensor:
+        """One expert of ``layer`` with weights ``w`` (a block's parts) on rows ``x``."""
+        dt = x.dtype
+        h = F.linear(x, w["first"].to(dt), w["first_bias"].to(dt) if "first_bias" in w else None)
+        return F.linear(self.acts[layer].apply(h), w["down"].to(dt), w["down_bias"].to(dt) if "down_bias" in w else None)
+
+    def compute_where_stored(self, layer: int, x: Tensor, expert: int) -> Tensor:
+        """The expert computed on the CPU where it is stored (the host copy, or streamed from the
+        store), nothing admitted; ``x`` and the result stay on ``x``'s device."""
+        xc = x if x.device.type == "cpu" else x.cpu()
+        if self.host_parts is not None:
+            y = self.compute(layer, xc, self.host_parts[layer][expert])
+        else:
+            y = self._streamed(layer, xc, expert)
+        return y if y.device == x.device else y.to(x.device)
+
+    def _streamed(self, layer: int, x: Tensor, expert: int) -> Tensor:
+        """The expert computed straight from the store, streamed a few rows at a time through the
+        small buffer (its own weights: equal to a loaded expert's output up to float summation
+        order). Works on transposed activations so every chunk's product is written in place into
+        contiguous rows. Only the reads count as read time."""
+        spec, dt = self.store.layers[layer], x.dtype
+        x_T = x.T.contiguous()
+        h_T = x.new_empty(spec.first_out, x.shape[0])
+        y_T = x.new_empty(spec.d_model, x.shape[0])
+        a_T = bias = None
+        chunks = self.store.stream(layer, expert, self.stream_buf)
+        reading = 0.0
+        while True:
+            t0 = time.perf_counter()
+            part, r, w = next(chunks, (None, 0, None))
+            reading += time.perf_counter() - t0
+            if part is None:
+                break
+            w = w if w.dtype == dt else w.to(dt)
+            if part == "first":
+                torch.mm(w, x_T, out=h_T[r: r + w.shape[0]])
+            elif part == "bias":  # its own small tensor, not the reused buffer
+                h_T += w[: spec.first_out, None]
+                bias = w[spec.first_out:, None]
+            else:
+                if a_T is None:
+                    a_T = self.acts[layer].apply(h_T.T).T.contiguous()
+                torch.mm(w, a_T, out=y_T[r: r + w.shape[0]])
+        self.read_s += reading
+        self.exposed_s += reading
+        return (y_T if bias is None else y_T + bias).T
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def calibrate(self, repeats: int = 7, max_tokens: int = 256, dtype: torch.dtype = torch.float32) -> dict:
+        """Fiddler's rule, measured on this machine: for each layer shape, the median time to load an
+        expert into the cache (``t_load``) and to compute it there for n = 1, 2, 4... ``max_tokens``
+        tokens (``t_cache``), against computing it on the CPU where it is stored (``t_host``, moving
+        the rows there and back). ``threshold[layer]`` is the first n for which loading is no
+        dearer: fewer tokens than that are computed where the expert is stored (past ``max_tokens``,
+        ``2 * max_tokens``). Run before serving (it uses the first slot of each pool and leaves the
+        cache empty); its reads are not counted in the stats."""
+        import statistics
+
+        def median_time(fn, *args) -> float:
+            times = []
+            for _ in range(repeats):
+                self._sync()
+                t0 = time.perf_counter()
+                fn(*args)
+                self._sync()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        grid = [1 << i for i in range(max(max_tokens, 1).bit_length()) if 1 << i <= max_tokens]
+        by_spec: dict[LayerSpec, dict] = {}
+        spent = self.read_s, self.exposed_s
+        for layer, spec in enumerate(self.store.layers):
+            if spec in by_spec:
+                continue
+            t_load = median_time(self._read, layer, 0, 0)
+            gen = torch.Generator().manual_seed(0)
+            t_cache, t_host = [], []
+            for n in grid:
+                x = torch.randn(n, spec.d_model, generator=gen, dtype=dtype).to(self.device)
+                t_cache.append(median_time(lambda x=x, layer=layer: self.compute(layer, x, self.weights(layer, 0))))
+                t_host.append(median_time(self.compute_where_stored, layer, x, 0))
+            k = next((n for n, c, h in zip(grid, t_cache, t_host) if t_load + c <= h), 2 * grid[-1])
+            by_spec[spec] = {"t_load": t_load, "tokens": grid, "t_cache": t_cache, "t_host": t_host, "threshold": k}
+        self.read_s, self.exposed_s = spent  # the calibration's streamed reads are not the run's
+        layers = [by_spec[spec] for spec in self.store.layers]
+        return {"device": str(self.device), "host": "ram" if self.host_blocks is not None else "disk",
+                "threshold": [x["threshold"] for x in layers], "layers": layers}
 
     def _wait(self, layer: int, slot: int) -> None:
         fut = self.inflight.pop((self.cache.pool_of(layer), slot), None)
@@ -174,9 +318,15 @@ class ExpertServer:
         self.cache.prefetch(nxt_layer, nxt, self._submit, protect={(layer, e) for e in needed})
 
     def weights(self, layer: int, slot: int) -> dict[str, Tensor]:
-        """The parts of the expert in ``slot`` of ``layer``'s pool (views), once its read is done."""
+        """The parts of the expert in ``slot`` of ``layer``'s pool (views, made once per slot and
+        layer shape), once its read is done."""
         self._wait(layer, slot)
-        return self.store.layers[layer].split(self.slabs[self.cache.pool_of(layer)][slot])
+        spec = self.store.layers[layer]
+        views = self.views.get((spec, self.cache.pool_of(layer), slot))
+        if views is None:
+            views = self.views[spec, self.cache.pool_of(layer), slot] = spec.split(
+                self.slabs[self.cache.pool_of(layer)][slot])
+        return views
 
     def drain(self) -> None:
         """Wait for every read in flight (a failed one leaves its expert not resident, and raises)."""
@@ -229,20 +379,20 @@ class OffloadedExperts(nn.Module):
         starts = [0]
         for n in seg.sizes:
             starts.append(starts[-1] + n)
+        if x_ND.device != self.server.device:
+            raise RuntimeError(f"the model runs on {x_ND.device}, the expert cache is on {self.server.device}; move the "
+                               f"model there (model.to('{self.server.device}')) or serve with device='{x_ND.device}'")
         out = x_ND.new_empty(x_ND.shape[0], self.d_model)
-        dt = x_ND.dtype
+        server = self.server
 
         def use(e: int, slot: int | str) -> None:
             rows = slice(starts[e], starts[e + 1])
             if slot == "int8":
                 out[rows] = self._low_bit(x_ND[rows], e)
-                return
-            if slot == "store":
-                out[rows] = self._from_store(x_ND[rows], e)
-                return
-            w = self.server.weights(self.layer, slot)
-            h = F.linear(x_ND[rows], w["first"].to(dt), w["first_bias"].to(dt) if "first_bias" in w else None)
-            out[rows] = F.linear(self.act.apply(h), w["down"].to(dt), w["down_bias"].to(dt) if "down_bias" in w else None)
+            elif slot == "store":
+                out[rows] = server.compute_where_stored(self.layer, x_ND[rows], e)
+            else:
+                out[rows] = server.compute(self.layer, x_ND[rows], server.weights(self.layer, slot))
 
         needed = [e for e, n in enumerate(seg.sizes) if n]
         low: list[int] = []
@@ -255,38 +405,6 @@ class OffloadedExperts(nn.Module):
                                  tokens=[seg.sizes[e] for e in needed])
         return out
 
-    def _from_store(self, x: Tensor, e: int) -> Tensor:
-        """The expert computed straight from the store, streamed a few rows at a time through the
-        server's small buffer (its own weights: equal to a loaded expert's output up to float
-        summation order). Works on transposed activations so every chunk's product is written in
-        place into contiguous rows. Only the reads count as read time."""
-        spec, dt = self.spec, x.dtype
-        x_T = x.T.contiguous()
-        h_T = x.new_empty(spec.first_out, x.shape[0])
-        y_T = x.new_empty(spec.d_model, x.shape[0])
-        a_T = bias = None
-        chunks = self.server.store.stream(self.layer, e, self.server.stream_buf)
-        reading = 0.0
-        while True:
-            t0 = time.perf_counter()
-            part, r, w = next(chunks, (None, 0, None))
-            reading += time.perf_counter() - t0
-            if part is None:
-                break
-            w = w if w.dtype == dt else w.to(dt)
-            if part == "first":
-                torch.mm(w, x_T, out=h_T[r: r + w.shape[0]])
-            elif part == "bias":  # its own small tensor, not the reused buffer
-                h_T += w[: spec.first_out, None]
-                bias = w[spec.first_out:, None]
-            else:
-                if a_T is None:
-                    a_T = self.act.apply(h_T.T).T.contiguous()
-                torch.mm(w, a_T, out=y_T[r: r + w.shape[0]])
-        self.server.read_s += reading
-        self.server.exposed_s += reading
-        return (y_T if bias is None else y_T + bias).T
-
     def _low_bit(self, x: Tensor, e: int, chunk: int = 256) -> Tensor:
         """The expert from its int8 copy, dequantised ``chunk`` output rows at a time (small scratch)."""
         t0 = time.perf_counter()
@@ -298,8 +416,9 @@ class OffloadedExperts(nn.Module):
         def linear(inp: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
             y = inp.new_empty(inp.shape[0], q.shape[0])
             for i in range(0, q.shape[0], chunk):
-                y[:, i: i + chunk] = inp @ (q[i: i + chunk].to(inp.dtype) * scale[i: i + chunk, None].to(inp.dtype)).T
-            return y if bias is None else y + bias.to(inp.dtype)
+                w = q[i: i + chunk].to(inp.device, inp.dtype) * scale[i: i + chunk, None].to(inp.device, inp.dtype)
+                y[:, i: i + chunk] = inp @ w.T
+            return y if bias is None else y + bias.to(inp.device, inp.dtype)
 
         h = linear(x, p["first"], p["first_scale"], p.get("first_bias"))
         return linear(self.act.apply(h), p["down"], p["down_scale"], p.get("down_bias"))
@@ -377,16 +496,16 @@ def pregate_future(model: nn.Module, layers: list[nn.Module]) -> Future:
 
 def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.25, policy: str = "lru",
             partition: str = "layer", window: float = math.inf, future: Future | str | None = None,
-            prefetch: str | None = None, low_threshold: float | None = None, direct: str | int | None = None,
-            check: bool = True) -> ExpertServer:
+            prefetch: str | None = None, low_threshold: float | None = None,
+            direct: str | int | Sequence[int] | None = None, device: str | torch.device | None = None,
+            host: str = "disk", check: bool = True) -> ExpertServer:
     """Serve ``model``'s experts from ``store`` through a cache of ``budget`` (a fraction of all
     experts' bytes if ``<= 1``, else bytes), in place: every MoE layer's experts are replaced (their
     memory is freed once nothing else holds them). Returns the :class:`ExpertServer` (counters:
     ``server.stats()``). ``check`` verifies the store was written from this model.
     ``future``: the known future for ``policy="belady"`` and ``prefetch="future"``: a
     :class:`Future` (e.g. of a recorded trace) or ``"pregate"`` (filled by the model's PreGate).
-    ``direct``: when a miss is computed straight from the store instead of admitted (see
-    :class:`ExpertServer`)."""
+    ``direct``, ``device``, ``host``: see :class:`ExpertServer` (the model must run on ``device``)."""
     store = _open(store)
     layers = moe_layers(model)
     if isinstance(future, str):
@@ -398,7 +517,7 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
     elif len(layers) != len(store.layers):
         raise ValueError(f"{store.folder}: {len(store.layers)} layers, the model has {len(layers)} MoE layers")
     server = ExpertServer(store, _budget_bytes(budget, store), policy, partition, window, future, prefetch,
-                          low_threshold, direct)
+                          low_threshold, direct, device, host)
     _attach(server, layers)
     return server
 
@@ -461,4 +580,4 @@ def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLi
             state[n] = f.get_tensor(src)
     model.load_state_dict(state, strict=True)
     store.check_model(model)
-    return model.eval(), server
+    return model.to(server.device).eval(), server

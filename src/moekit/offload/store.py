@@ -129,7 +129,7 @@ def _low_block(moe: nn.Module, e: int) -> Tensor:
         parts += [ex.first_bias[e].detach().float(), ex.down_proj_bias[e].detach().float()]
     raw = [p.contiguous().view(torch.uint8).reshape(-1) for p in parts]
     raw += [q1.view(torch.uint8).reshape(-1), q2.view(torch.uint8).reshape(-1)]
-    return torch.cat(raw)
+    return torch.cat(raw).cpu()
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -155,7 +155,7 @@ def _block(moe: nn.Module, e: int, dtype: torch.dtype) -> Tensor:
     parts = [ex.first_proj[e], ex.down_proj[e]]
     if ex.down_proj_bias is not None:
         parts += [ex.first_bias[e], ex.down_proj_bias[e]]
-    return torch.cat([p.detach().reshape(-1) for p in parts]).to(dtype).contiguous()
+    return torch.cat([p.detach().reshape(-1) for p in parts]).to(dtype).contiguous().cpu()  # from any device
 
 
 def _header(path: Path) -> tuple[int, dict]:
