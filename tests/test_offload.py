@@ -398,6 +398,8 @@ def test_experts_held_in_host_ram(served, direct):
         layer = c["layers"][0]
         assert layer["t_load"] > 0 and len(layer["t_cache"]) == len(layer["t_host"]) == len(layer["tokens"])
         assert all(t >= 1 for t in c["threshold"])
+        with pytest.raises(RuntimeError, match="before serving"):
+            server.calibrate()  # it would overwrite a slot the cache uses
     server.close()
 
 
@@ -571,6 +573,10 @@ def test_generate_cli_and_engine(tmp_path, capsys):
     assert captured.out == plain and "computed from the store" in captured.err
     assert main(args + ["--offload", "--host", "ram", "--direct", "cost"]) == 0
     assert capsys.readouterr().out == plain
+    with pytest.raises(SystemExit, match="add --offload"):
+        main(args + ["--direct", "2"])
+    with pytest.raises(SystemExit):
+        main(args + ["--offload", "--direct", "0"])
     assert "hit rate" in captured.err and (tmp_path / "run" / "model" / "experts" / "manifest.json").exists()
     engine = Engine(tmp_path / "run" / "model", budget=0.5)
     assert "the cat" + engine.generate("the cat", 8) + "\n" == plain

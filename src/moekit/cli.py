@@ -37,9 +37,12 @@ def _direct_rule(text: str) -> int | str:
     if text == "cost":
         return text
     try:
-        return int(text)
+        k = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int K or 'cost', got {text!r}") from None
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected an int K >= 1 or 'cost', got {text!r}")
+    return k
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -59,11 +62,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(args.prompt + engine.generate(args.prompt, args.max_new_tokens, args.temperature, args.seed))
         st = engine.stats()
         engine.close()
-        print(f"[{st.tokens} tokens; experts in RAM {st.resident_bytes / 2**20:.1f} MiB of "
+        print(f"[{st.tokens} tokens; expert cache {st.resident_bytes / 2**20:.1f} MiB of "
               f"{engine.server.store.total_bytes() / 2**20:.1f} MiB; hit rate {st.hit_rate:.1%}; "
               f"{st.bytes_per_token / 2**10:,.0f} KiB read per token; {st.low_bit} misses served int8; "
               f"{st.direct} computed from the store]", file=sys.stderr)
         return 0
+    if args.direct is not None or args.device != "cpu" or args.host != "disk":
+        raise SystemExit("moekit generate: --direct, --device and --host apply to --offload serving; add --offload")
     from .models import GPT
 
     model = GPT.load(args.model).eval()

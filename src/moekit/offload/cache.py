@@ -35,7 +35,8 @@ A direct miss reads the same bytes as a load (counted in ``bytes_loaded``); it o
 the cache keeps.
 
 The same :class:`ExpertCache` runs inside :class:`moekit.offload.OffloadedExperts` with real
-loads and in :func:`simulate` on a recorded trace, so the two produce the same counters.
+loads and in :func:`simulate` on a recorded trace, so the two produce the same counters (for
+``direct=k`` the simulator counts one token per expert, as in batch-1 decoding).
 """
 
 from __future__ import annotations

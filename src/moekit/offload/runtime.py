@@ -54,7 +54,7 @@ class ServeStats:
     low_bit: int  # misses served by the int8 copy
     direct: int  # misses computed straight from the store (not admitted)
     bytes_loaded: int
-    bytes_read: int  # what the store actually read (equals bytes_loaded)
+    bytes_read: int  # what the store read from disk (bytes_loaded when host="disk"; 0 with host="ram")
     read_s: float  # time spent reading, demand and prefetch
     exposed_s: float  # time the forward waited for reads (demand reads + waits for in-flight prefetches)
     hit_rate: float
@@ -97,16 +97,22 @@ class ExpertServer:
         device: where the cache lives and the experts it holds are computed (default the CPU;
             ``"cuda"``: a GPU cache, the model must run there too).
         host: where the experts are stored: ``"disk"`` (the store, read on every load) or
-            ``"ram"`` (every expert read once into host memory, pinned for a GPU: the setting of
-            mixtral-offloading and Fiddler, where host RAM holds the model and the GPU budget is the
-            constraint).
+            ``"ram"`` (every expert read once into host memory: the setting of mixtral-offloading
+            and Fiddler, where host RAM holds the model and the GPU budget is the constraint).
+        compute_dtype: the activations' dtype, for :meth:`calibrate`.
+
+    Prefetching is a separate decision from ``direct``: a prefetched expert is always admitted.
+    The int8 buffer of ``low_threshold`` is host memory but counted in the budget.
     """
 
     def __init__(self, store: ExpertStore, budget_bytes: int, policy: str = "lru", partition: str = "layer",
                  window: float = math.inf, future: Future | None = None, prefetch: str | None = None,
                  low_threshold: float | None = None, direct: str | int | Sequence[int] | None = None,
-                 device: str | torch.device | None = None, host: str = "disk") -> None:
+                 device: str | torch.device | None = None, host: str = "disk",
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type not in ("cpu", "cuda", "meta"):
+            raise ValueError(f"device: the expert cache supports 'cpu' and 'cuda', got {self.device}")
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" is the current one: compare as cuda:N
             self.device = torch.device("cuda", torch.cuda.current_device())
         if host not in ("disk", "ram"):
@@ -139,9 +145,9 @@ class ExpertServer:
         streams = direct is not None and host == "disk"
         self.stream_buf = torch.empty(max(STREAM_BYTES // store.dtype.itemsize, widest) if streams else 0,
                                       dtype=store.dtype)
-        pin = self.device.type == "cuda"
+        # pageable host memory: the pinned allocator would round every block up to a power of two
         self.host_blocks = None if host == "disk" else [
-            [store.read(i, e, torch.empty(spec.numel, dtype=store.dtype, pin_memory=pin)) for e in range(spec.num_experts)]
+            [store.read(i, e, torch.empty(spec.numel, dtype=store.dtype)) for e in range(spec.num_experts)]
             for i, spec in enumerate(store.layers)]
         self.host_parts = None if host == "disk" else [  # views, made once
             [spec.split(block) for block in blocks] for spec, blocks in zip(store.layers, self.host_blocks)]
@@ -160,7 +166,7 @@ class ExpertServer:
         self.exposed_s = 0.0
         self.costs: dict | None = None
         if direct == "cost":
-            self.costs = self.calibrate()
+            self.costs = self.calibrate(dtype=compute_dtype)
             self.cache.direct = self.costs["threshold"]
         self.bytes_read0 = store.bytes_read
         self.tokens = 0
@@ -246,9 +252,13 @@ class ExpertServer:
         tokens (``t_cache``), against computing it on the CPU where it is stored (``t_host``, moving
         the rows there and back). ``threshold[layer]`` is the first n for which loading is no
         dearer: fewer tokens than that are computed where the expert is stored (past ``max_tokens``,
-        ``2 * max_tokens``). Run before serving (it uses the first slot of each pool and leaves the
-        cache empty); its reads are not counted in the stats."""
+        ``2 * max_tokens``). ``dtype``: the model's activations'. Only before serving (it uses the
+        first slot of each pool, which must be empty); its reads are not counted in the stats."""
         import statistics
+
+        if self.cache.where or self.cache.stats.accesses or self.inflight:
+            raise RuntimeError("ExpertServer.calibrate runs before serving (it overwrites the first slot of each pool); "
+                               "build a new server with direct='cost' instead")
 
         def median_time(fn, *args) -> float:
             times = []
@@ -516,8 +526,9 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
         store.check_model(model)
     elif len(layers) != len(store.layers):
         raise ValueError(f"{store.folder}: {len(store.layers)} layers, the model has {len(layers)} MoE layers")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     server = ExpertServer(store, _budget_bytes(budget, store), policy, partition, window, future, prefetch,
-                          low_threshold, direct, device, host)
+                          low_threshold, direct, device, host, dtype)
     _attach(server, layers)
     return server
 

@@ -337,9 +337,10 @@ class ExpertStore:
         if not 0 <= expert < spec.num_experts:
             raise IndexError(f"expert store: expert {expert} out of range for layer {layer} ({spec.num_experts} experts)")
         widest = max(spec.d_model, spec.d_ff)
-        if buf.dtype != self.dtype or buf.numel() < widest or not buf.is_contiguous():
-            raise ValueError(f"ExpertStore.stream: buf must be a contiguous {self.dtype} tensor of at least {widest} "
-                             f"elements (one row), got {buf.dtype} {tuple(buf.shape)}")
+        if buf.dtype != self.dtype or buf.numel() < widest or not buf.is_contiguous() or buf.device.type != "cpu":
+            raise ValueError(f"ExpertStore.stream: buf must be a contiguous CPU {self.dtype} tensor of at least {widest} "
+                             f"elements (one row), got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
+        buf = buf.reshape(-1)
         off, fd = self.offsets[layer][expert], self.fds[layer]
         n = spec.numel * size
         if self.drop_page_cache and hasattr(os, "posix_fadvise"):
