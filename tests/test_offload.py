@@ -191,6 +191,30 @@ def test_bypass_never_reads_more_than_belady_min(accesses, slots, partition):
     assert bypass.bytes_loaded == bypass.misses
 
 
+@given(requests=st.lists(st.integers(0, 4), min_size=1, max_size=12), slots=st.integers(1, 3))
+def test_bypass_is_optimal_for_one_expert_per_access(requests, slots):
+    """With one expert per access, Belady's rule with bypass reads exactly as few experts as the
+    best of every admit / evict / bypass choice (exhaustive search over cache states)."""
+    from functools import cache
+
+    @cache
+    def best(i: int, cache: frozenset) -> int:
+        if i == len(requests):
+            return 0
+        e = requests[i]
+        if e in cache:
+            return best(i + 1, cache)
+        options = [best(i + 1, cache)]  # computed from the store, nothing admitted
+        if len(cache) < slots:
+            options.append(best(i + 1, cache | {e}))
+        else:
+            options += [best(i + 1, (cache - {v}) | {e}) for v in cache]
+        return 1 + min(options)
+
+    seq = [(0, [e]) for e in requests]
+    assert simulate(seq, [1], [5], slots, "belady", direct="future").misses == best(0, frozenset())
+
+
 def test_direct_rules_known_answers():
     seq = [(0, [e]) for e in (1, 2, 3, 1, 2, 4, 1, 2)]
     # Belady's bypass: 3 and 4 are never needed again, so they are computed from the store and 1, 2 stay

@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -19,16 +18,11 @@ from .reference import reference_moe
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _init(rank: int, tmp: str) -> None:
+    """Join a gloo group through a rendezvous file (no TCP port to race for with other tests)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
 
 
 def _inputs(T: list[int], d: int) -> list[torch.Tensor]:
@@ -113,8 +107,8 @@ def _bad_input_case(rank: int) -> None:
         expert_parallel(MoE(8, 16, 4 if rank == 0 else 6, "topk"))
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    _init(rank, port)
+def _worker(rank: int, tmp: str) -> None:
+    _init(rank, tmp)
     try:
         _layer_case(rank, "topk", [10, 7])
         _layer_case(rank, "sigmoid_ste", [9, 12])  # ragged: any number of experts per token
@@ -130,7 +124,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
 
 def test_expert_parallel_two_processes(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
 
 
 def test_expert_parallel_needs_a_process_group():
@@ -148,7 +142,7 @@ def test_torchrun_trains_with_expert_parallelism(tmp_path):
     data.write_text("\n\n".join(f"paragraph {i}: the cat sat on the mat and looked around." for i in range(300)),
                     encoding="utf-8")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "moekit", "train", "--data", str(data), "--out", str(out), "--steps", "4", "--eval-every", "2",
            "--ckpt-every", "2",
            "--vocab", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--seq-len", "16",

@@ -43,20 +43,31 @@ class DispatchContext:
     num_tokens: int
 
 
+def sort_by_expert(x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_ND, counts_E, token_N, weight_N)``: the assignments sorted by expert (stable, so ties
+    keep token order) and their rows gathered once."""
+    expert_sorted, order = torch.sort(routing.expert, stable=True)
+    counts_E = torch.bincount(expert_sorted, minlength=routing.num_experts)
+    token_N = routing.token.index_select(0, order)
+    weight_N = routing.weight.index_select(0, order)
+    return x_TD.index_select(0, token_N), counts_E, token_N, weight_N
+
+
+def weighted_scatter(y_ND: Tensor, ctx: DispatchContext) -> Tensor:
+    """Each sorted row times its combine weight, summed into its token: ``[num_tokens, D]``."""
+    w_N1 = ctx.weight_N.to(y_ND.dtype).unsqueeze(-1)
+    # the experts' output buffer is ours alone: scale it in place unless autograd needs it
+    y_ND = y_ND * w_N1 if (y_ND.requires_grad or w_N1.requires_grad) else y_ND.mul_(w_N1)
+    out_TD = y_ND.new_zeros(ctx.num_tokens, y_ND.shape[-1])
+    return out_TD.index_add_(0, ctx.token_N, y_ND)
+
+
 class LocalDispatcher:
     """Sort by expert (stable, so ties keep token order), gather, and weighted scatter-add back."""
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Segments, DispatchContext]:
-        expert_sorted, order = torch.sort(routing.expert, stable=True)
-        counts_E = torch.bincount(expert_sorted, minlength=routing.num_experts)
-        token_N = routing.token.index_select(0, order)
-        weight_N = routing.weight.index_select(0, order)
-        x_ND = x_TD.index_select(0, token_N)
+        x_ND, counts_E, token_N, weight_N = sort_by_expert(x_TD, routing)
         return x_ND, Segments.from_counts(counts_E), DispatchContext(token_N, weight_N, routing.num_tokens)
 
     def combine(self, y_ND: Tensor, ctx: DispatchContext) -> Tensor:
-        w_N1 = ctx.weight_N.to(y_ND.dtype).unsqueeze(-1)
-        # the experts' output buffer is ours alone: scale it in place unless autograd needs it
-        y_ND = y_ND * w_N1 if (y_ND.requires_grad or w_N1.requires_grad) else y_ND.mul_(w_N1)
-        out_TD = y_ND.new_zeros(ctx.num_tokens, y_ND.shape[-1])
-        return out_TD.index_add_(0, ctx.token_N, y_ND)
+        return weighted_scatter(y_ND, ctx)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -52,16 +51,16 @@ def _steps(model, ids, steps: int, warmup: int, sync) -> list[float]:
     return times
 
 
-def _worker(rank: int, world: int, port: int, quick: bool, steps: int, warmup: int, out: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, quick: bool, steps: int, warmup: int, out: str) -> None:
     import torch.distributed as dist
 
     from ..models import GPT
     from ..parallel import expert_parallel, sync_gradients
     from ..parallel.dispatch import AllToAllDispatcher
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
     try:
         cfg, batch = _config(quick)
         torch.manual_seed(0)
@@ -106,13 +105,10 @@ def run_parallel_bench(out: str | os.PathLike | None = "runs/bench/parallel.json
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), generator=g)
     single = _steps(model, ids, steps, warmup, lambda m: None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ranks.json")
         # one pass counts the bytes of the timed steps and the warm-up: divide by all passes
-        mp.start_processes(_worker, args=(world, port, quick, steps, warmup, path), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, os.path.join(tmp, "rendezvous"), quick, steps, warmup, path), nprocs=world, join=True,
                            start_method="spawn")
         ranks = json.loads(Path(path).read_text())
     passes = steps + warmup

@@ -411,8 +411,8 @@ class OffloadedExperts(nn.Module):
             low = [e for e in needed if float(w[starts[e]: starts[e + 1]].abs().max()) < self.server.low_threshold]
         if self.server.prefetch:
             self.server._issue_prefetch(self.layer, needed)
-        self.server.cache.access(self.layer, needed, self.server._load, use, low=low,
-                                 tokens=[seg.sizes[e] for e in needed])
+        counts = [seg.sizes[e] for e in needed] if isinstance(server.cache.direct, (int, list)) else None
+        server.cache.access(self.layer, needed, server._load, use, low=low, tokens=counts)
         return out
 
     def _low_bit(self, x: Tensor, e: int, chunk: int = 256) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..dispatch import Segments
+from ..dispatch import DispatchContext, Segments, sort_by_expert, weighted_scatter
 from ..routing import Routing
 
 __all__ = ["AllToAllDispatcher", "all_to_all"]
@@ -54,10 +54,7 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=Non
 
 
 @dataclass
-class EPContext:
-    token_N: Tensor  # token of each sent row (global-expert order)
-    weight_N: Tensor  # its combine weight
-    num_tokens: int
+class EPContext(DispatchContext):  # token_N, weight_N: each sent row's token and weight (global-expert order)
     send: list[int]  # rows sent to each rank
     recv: list[int]  # rows received from each rank
     inverse: Tensor  # received order of each expert-major row
@@ -80,11 +77,7 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Segments, EPContext]:
         W, El = self.world, self.local
-        expert_sorted, order = torch.sort(routing.expert, stable=True)
-        counts_E = torch.bincount(expert_sorted, minlength=self.num_experts)
-        token_N = routing.token.index_select(0, order)
-        weight_N = routing.weight.index_select(0, order)
-        x_ND = x_TD.index_select(0, token_N)
+        x_ND, counts_E, token_N, weight_N = sort_by_expert(x_TD, routing)
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)  # [W * El]: rank w's rows per local expert
         send = counts_E.view(W, El).sum(1).tolist()
@@ -110,7 +103,4 @@ class AllToAllDispatcher:
 
     def combine(self, y_local: Tensor, ctx: EPContext) -> Tensor:
         y_recv = y_local.index_select(0, ctx.inverse)
-        y_ND = all_to_all(y_recv, ctx.send, ctx.recv, self.group)
-        y_ND = y_ND * ctx.weight_N.to(y_ND.dtype).unsqueeze(-1)
-        out_TD = y_ND.new_zeros(ctx.num_tokens, y_ND.shape[-1])
-        return out_TD.index_add_(0, ctx.token_N, y_ND)
+        return weighted_scatter(all_to_all(y_recv, ctx.send, ctx.recv, self.group), ctx)

@@ -63,6 +63,7 @@ def _init_expert_parallel(n: int) -> int:
 
 def train_from_args(args: argparse.Namespace) -> GPT:
     import torch
+    import torch.distributed as dist
 
     out = Path(args.out)
     ep = getattr(args, "expert_parallel", None)
@@ -83,13 +84,9 @@ def train_from_args(args: argparse.Namespace) -> GPT:
             )
     else:
         if ep and rank:  # rank 0 trains the tokenizer once; the others read it from the cache
-            import torch.distributed as dist
-
             dist.barrier()
         tokenizer, _ = train_tokenizer([d.text for d in docs["train"]], args.vocab)
         if ep and not rank:
-            import torch.distributed as dist
-
             dist.barrier()
         if rank == 0:
             atomic_write_text(out / "tokenizer.json", tokenizer.to_str())
@@ -117,8 +114,6 @@ def train_from_args(args: argparse.Namespace) -> GPT:
     trainer = Trainer(model, train, val, train_cfg, out_dir=out, progress=not args.no_progress, name="train")
     trainer.train(resume=args.resume)
     if ep:  # gather the experts under their global ids: the saved model loads at any parallel size
-        import torch.distributed as dist
-
         from ..parallel import full_state_dict
 
         state = full_state_dict(model)
