@@ -408,6 +408,7 @@ def test_experts_held_in_host_ram(served, direct):
     mixtral-offloading / Fiddler setting); exact, and the counters are the simulator's."""
     model, store, ref, ids, trace, acc, tokens = _traced(served, 24)
     server = offload(model, store, budget=0.25, host="ram", direct=direct)
+    assert server.device == torch.device("cpu")  # the model's
     assert server.read_s == server.exposed_s == 0 and not server.cache.where  # calibration leaves no trace
     with torch.no_grad():
         assert (_decode(model, ids) - ref(ids)).abs().max() <= 1e-5

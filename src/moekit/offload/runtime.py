@@ -515,7 +515,9 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
     ``server.stats()``). ``check`` verifies the store was written from this model.
     ``future``: the known future for ``policy="belady"`` and ``prefetch="future"``: a
     :class:`Future` (e.g. of a recorded trace) or ``"pregate"`` (filled by the model's PreGate).
-    ``direct``, ``device``, ``host``: see :class:`ExpertServer` (the model must run on ``device``)."""
+    ``direct``, ``device``, ``host``: see :class:`ExpertServer` (the model must run on ``device``,
+    which defaults to the device of the model's parameters: ``offload(model.cuda(), ...)`` caches
+    on the GPU)."""
     store = _open(store)
     layers = moe_layers(model)
     if isinstance(future, str):
@@ -527,6 +529,8 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
     elif len(layers) != len(store.layers):
         raise ValueError(f"{store.folder}: {len(store.layers)} layers, the model has {len(layers)} MoE layers")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if device is None:  # the cache sits beside the model's other weights
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     server = ExpertServer(store, _budget_bytes(budget, store), policy, partition, window, future, prefetch,
                           low_threshold, direct, device, host, dtype)
     _attach(server, layers)
