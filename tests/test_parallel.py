@@ -100,6 +100,20 @@ def _gpt_case(rank: int, tmp: str) -> None:
         assert torch.allclose(again(ids[rank]), one(ids[rank]), atol=1e-5)
 
 
+def _sync_case(rank: int) -> None:
+    """sync_gradients: the mean over ranks; a parameter only some ranks computed a gradient for
+    counts zeros for the others; one no rank did keeps None."""
+    m = torch.nn.Linear(3, 2)
+    m.extra = torch.nn.Parameter(torch.ones(4))
+    m.unused = torch.nn.Parameter(torch.ones(2))
+    m.weight.grad = torch.full((2, 3), float(rank + 1))
+    m.bias.grad = None
+    m.extra.grad = torch.full((4,), 4.0) if rank == 0 else None
+    sync_gradients(m)
+    assert torch.equal(m.weight.grad, torch.full((2, 3), 1.5)) and torch.equal(m.extra.grad, torch.full((4,), 2.0))
+    assert m.bias.grad is None and m.unused.grad is None
+
+
 def _bad_input_case(rank: int) -> None:
     with pytest.raises(ValueError, match="not divisible by the world size 2"):
         expert_parallel(MoE(8, 16, 3, "topk"))
@@ -110,6 +124,7 @@ def _bad_input_case(rank: int) -> None:
 def _worker(rank: int, tmp: str) -> None:
     _init(rank, tmp)
     try:
+        _sync_case(rank)
         _layer_case(rank, "topk", [10, 7])
         _layer_case(rank, "sigmoid_ste", [9, 12])  # ragged: any number of experts per token
         _layer_case(rank, "expert_choice", [8, 8])

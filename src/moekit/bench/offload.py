@@ -27,6 +27,7 @@ import torch
 
 from ..models import GPT
 from ..offload import Future, Trace, compare_batching, load_offloaded, offload, record_trace, simulate, write_store
+from ..offload.runtime import STREAM_BYTES
 from .timing import peak_rss_mb, rss_mb
 
 DEFAULT_MODEL = "runs/demo/variants/moe-top2/model"  # written by `make demo`
@@ -501,7 +502,8 @@ def _direct_lines(r: dict, sim: dict) -> list[str]:
     cut = {b: 1 - sim["Belady-MIN + bypass to the store", b]["loads_per_token"] / sim[MIN_LABEL, b]["loads_per_token"]
            for b in r["budgets"] if (MIN_LABEL, b) in sim}
     return [
-        "A miss need not be admitted: it can be computed straight from the store, streamed through a 16 KiB buffer, "
+        f"A miss need not be admitted: it can be computed straight from the store, streamed through a "
+        f"{STREAM_BYTES >> 10} KiB buffer, "
         "evicting nothing. Fiddler decides this by cost: computing on the CPU, where the weights are, beats moving "
         "them to the GPU when few tokens need the expert. This machine has no second device: the cache and the "
         f"store's reader share the same DRAM and cores, so a miss computed from the store reads the same bytes as a "

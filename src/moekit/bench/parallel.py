@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, rendezvous: str, quick: bool, steps: int, war
     import torch.distributed as dist
 
     from ..models import GPT
-    from ..parallel import expert_parallel, sync_gradients
+    from ..parallel import expert_parallel, is_expert_parallel, sync_gradients
     from ..parallel.dispatch import AllToAllDispatcher
 
     torch.set_num_threads(1)
@@ -72,8 +72,6 @@ def _worker(rank: int, world: int, rendezvous: str, quick: bool, steps: int, war
         dispatchers = [m.dispatcher for m in model.modules() if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher)]
         sent = [d.bytes_sent for d in dispatchers]
         off = [d.bytes_off_rank for d in dispatchers]
-        from ..parallel import is_expert_parallel
-
         allreduce = sum(p.numel() * p.element_size() for p in model.parameters() if not is_expert_parallel(p))
         result = {"rank": rank, "step_s": times, "bytes_sent_per_layer": sent, "bytes_off_rank_per_layer": off,
                   "allreduce_bytes": allreduce, "tokens": mine[:, :-1].numel()}

@@ -187,7 +187,7 @@ class ExpertServer:
             self.store.read(layer, expert, dst)
         else:
             buf = getattr(self.staging, "buf", None)
-            if buf is None or buf.numel() < n:
+            if buf is None:  # sized for the largest block of any layer
                 buf = self.staging.buf = torch.empty(max(s.numel for s in self.store.layers), dtype=self.store.dtype,
                                                      pin_memory=True)
             dst[:n].copy_(self.store.read(layer, expert, buf)[:n])  # synchronous: the pinned buffer is reused
@@ -377,7 +377,7 @@ class OffloadedExperts(nn.Module):
         self.server, self.layer = server, layer
         self.spec = spec
         self.num_experts, self.d_model, self.d_ff = spec.num_experts, spec.d_model, spec.d_ff
-        self.activation, self.act = spec.activation, get_activation(spec.activation)
+        self.activation = spec.activation
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
@@ -431,7 +431,7 @@ class OffloadedExperts(nn.Module):
             return y if bias is None else y + bias.to(inp.device, inp.dtype)
 
         h = linear(x, p["first"], p["first_scale"], p.get("first_bias"))
-        return linear(self.act.apply(h), p["down"], p["down_scale"], p.get("down_bias"))
+        return linear(self.server.acts[self.layer].apply(h), p["down"], p["down_scale"], p.get("down_bias"))
 
 
 class _WeightKeeper(LocalDispatcher):

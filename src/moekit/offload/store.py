@@ -137,8 +137,9 @@ def fingerprint(model: nn.Module) -> str:
     PreGate (Read-ME) if there is one: what a store must match. The expert weights themselves are
     checked block by block (:meth:`ExpertStore.check_model`)."""
     h = hashlib.sha256()
-    routers = [(f"layer{i}.", moe.gate) for i, moe in enumerate(moe_layers(model))]
-    for i, moe in enumerate(moe_layers(model)):
+    layers = moe_layers(model)
+    routers = [(f"layer{i}.", moe.gate) for i, moe in enumerate(layers)]
+    for i, moe in enumerate(layers):
         spec = LayerSpec.of(moe)
         h.update(json.dumps([i, spec.num_experts, spec.d_model, spec.d_ff, spec.activation, spec.bias]).encode())
     if isinstance(getattr(model, "pregate", None), nn.Module):
@@ -334,17 +335,13 @@ class ExpertStore:
         The block's CRC-32 is checked once the last chunk has been consumed: a corrupt block raises
         before the loop over the chunks ends, so what was computed from it is never returned."""
         spec, size = self.layers[layer], self.dtype.itemsize
-        if not 0 <= expert < spec.num_experts:
-            raise IndexError(f"expert store: expert {expert} out of range for layer {layer} ({spec.num_experts} experts)")
         widest = max(spec.d_model, spec.d_ff)
         if buf.dtype != self.dtype or buf.numel() < widest or not buf.is_contiguous() or buf.device.type != "cpu":
             raise ValueError(f"ExpertStore.stream: buf must be a contiguous CPU {self.dtype} tensor of at least {widest} "
                              f"elements (one row), got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
         buf = buf.reshape(-1)
-        off, fd = self.offsets[layer][expert], self.fds[layer]
         n = spec.numel * size
-        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        fd, off = self._locate(layer, expert, self.offsets, n)
         crc = 0
         raw = buf.view(torch.uint8).numpy()  # views made once: a chunk costs a read and a checksum
 
@@ -372,11 +369,7 @@ class ExpertStore:
         yield from rows("down", first, spec.d_model, spec.d_ff)
         if tail is not None:
             crc = zlib.crc32(tail.view(torch.uint8).numpy(), crc)
-        with self._lock:
-            self.bytes_read += n
-        if self.verify and crc != self.crc32[layer][expert]:
-            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: checksum mismatch, the store is corrupt; "
-                             "rewrite it with moekit.offload.write_store")
+        self._done(layer, expert, n, crc, self.crc32)
 
     def _pread(self, fd: int, buf, off: int, layer: int, expert: int) -> None:
         got = os.preadv(fd, [buf], off)
@@ -384,20 +377,29 @@ class ExpertStore:
             raise ValueError(f"{self.folder}: layer {layer} expert {expert}: short read ({got} of {len(buf)} bytes); "
                              "the store is truncated, rewrite it with moekit.offload.write_store")
 
-    def _read(self, layer: int, expert: int, offsets, crcs, n: int, out_u8: Tensor) -> None:
+    def _locate(self, layer: int, expert: int, offsets, n: int) -> tuple[int, int]:
+        """``(fd, offset)`` of a block of ``n`` bytes (dropped from the page cache first if asked)."""
         spec = self.layers[layer]
         if not 0 <= expert < spec.num_experts:
             raise IndexError(f"expert store: expert {expert} out of range for layer {layer} ({spec.num_experts} experts)")
         off, fd = offsets[layer][expert], self.fds[layer]
         if self.drop_page_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
-        buf = out_u8.numpy()
-        self._pread(fd, buf, off, layer, expert)
-        if self.verify and zlib.crc32(buf) != crcs[layer][expert]:
-            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: checksum mismatch, the store is corrupt; "
-                             "rewrite it with moekit.offload.write_store")
+        return fd, off
+
+    def _done(self, layer: int, expert: int, n: int, crc: int, crcs) -> None:
+        """Count a block's ``n`` bytes as read, then check its checksum."""
         with self._lock:  # prefetch threads read too
             self.bytes_read += n
+        if self.verify and crc != crcs[layer][expert]:
+            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: checksum mismatch, the store is corrupt; "
+                             "rewrite it with moekit.offload.write_store")
+
+    def _read(self, layer: int, expert: int, offsets, crcs, n: int, out_u8: Tensor) -> None:
+        fd, off = self._locate(layer, expert, offsets, n)
+        buf = out_u8.numpy()
+        self._pread(fd, buf, off, layer, expert)
+        self._done(layer, expert, n, zlib.crc32(buf) if self.verify else 0, crcs)
 
     def close(self) -> None:
         for fd in self.fds:

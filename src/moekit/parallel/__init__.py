@@ -97,20 +97,19 @@ def sync_gradients(model: nn.Module, group=None) -> None:
     W = dist.get_world_size(group)
     replicated = [p for p in model.parameters() if p.requires_grad and not is_expert_parallel(p)]
     if replicated:
-        # a parameter no rank computed a gradient for keeps none (the optimizer then skips it, as in one process)
-        has = torch.tensor([float(p.grad is not None) for p in replicated], device=replicated[0].device)
-        dist.all_reduce(has, group=group)
-        live = [p for p, h in zip(replicated, has.tolist()) if h > 0]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in live]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
-            flat /= W
-            i = 0
-            for p, g in zip(live, grads):
-                n = g.numel()
-                p.grad = flat[i: i + n].view_as(g).clone()
-                i += n
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in replicated]
+        # one all-reduce: the gradients, then how many ranks computed each (a parameter none did keeps
+        # no gradient, so the optimizer skips it as it would in one process)
+        has = torch.tensor([float(p.grad is not None) for p in replicated], dtype=grads[0].dtype,
+                           device=grads[0].device)
+        flat = torch.cat([*(g.reshape(-1) for g in grads), has])
+        dist.all_reduce(flat, group=group)
+        flat /= W
+        i = 0
+        for p, g, h in zip(replicated, grads, flat[-len(replicated):].tolist()):
+            n = g.numel()
+            p.grad = flat[i: i + n].view_as(g).clone() if h > 0 else None
+            i += n
     for p in model.parameters():
         if is_expert_parallel(p) and p.grad is not None:
             p.grad /= W
