@@ -33,6 +33,8 @@ from moekit.layer import FFN
 from moekit.models import GPT, GPTConfig
 from moekit.routers import SigmoidSTE, TopK
 
+from .faults import edit_json, flip_byte, resign
+
 VOCAB = 100
 HF_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -493,9 +495,7 @@ def saved_llama(tmp_path) -> Path:
 
 
 def _edit_json(path: Path, edit) -> None:
-    d = json.loads(path.read_text())
-    edit(d)
-    path.write_text(json.dumps(d))
+    edit_json(path, edit)  # re-signed: the checks behind the checksums
 
 
 def test_load_rejects_a_conversion_file_that_does_not_match(saved_llama):
@@ -533,17 +533,25 @@ def test_load_rejects_a_foreign_format_and_family(saved_llama):
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing", "flip"])
 def test_load_with_a_damaged_weights_file(family, damage, tmp_path):
     save(partition(_dense(family), 4), tmp_path)
     weights = tmp_path / "model.safetensors"
     if damage == "missing":
         weights.unlink()
-        with pytest.raises(FileNotFoundError, match=r"model.safetensors: missing"):
+        with pytest.raises(ValueError, match=r"model.safetensors: missing \(listed in moekit.json\)"):
+            load(tmp_path)
+        return
+    if damage == "flip":  # one byte in the middle of the tensors: the file still parses
+        flip_byte(weights)
+        with pytest.raises(ValueError, match=r"model.safetensors: checksum mismatch"):
             load(tmp_path)
         return
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"model.safetensors: [\d,]+ bytes, moekit.json records [\d,]+ \(truncated"):
+        load(tmp_path)
+    resign(tmp_path)  # behind the checksum, safetensors' own error still names the file
     with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file \(truncated or corrupt"):
         load(tmp_path)
 
@@ -554,6 +562,11 @@ def test_load_and_save_of_things_that_are_not_converted_models(tmp_path):
     with pytest.raises(ValueError, match="was not converted by moekit.convert"):
         save(_dense("llama"), tmp_path / "x")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    with pytest.raises(ValueError, match="no moekit.json: not a model folder moekit wrote"):
+        load(tmp_path)
+    (tmp_path / "moekit.json").write_text(json.dumps({"format": "moekit", "version": 1, "kind": "model", "files": {
+        "config.json": {"bytes": 0, "sha256": ""}}}))
+    resign(tmp_path)  # a manifest that lists a config that is neither moekit's nor a converted model's
     with pytest.raises(ValueError, match="neither a moekit GPT checkpoint nor a converted Hugging Face model"):
         load(tmp_path)
 

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -25,11 +26,10 @@ def setup(tmp_path_factory):
             f.write(json.dumps({"text": text, "title": f"d{i}", "language": lang}) + "\n")
     docs = load_corpus(str(root / "text.jsonl"))
     tok, _ = train_tokenizer([d.text for d in docs], vocab_size=300, cache_dir=root / "cache")
-    (root / "dense").mkdir()
-    (root / "dense" / "tokenizer.json").write_text(tok.to_str())
     torch.manual_seed(0)
     GPT(GPTConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
                   d_ff=64)).save(root / "dense")
+    (root / "dense" / "tokenizer.json").write_text(tok.to_str())  # the user's own file beside the model
     return root
 
 
@@ -51,9 +51,10 @@ def test_convert_command(setup, method, extra, tmp_path, capsys):
     assert model(torch.randint(0, 100, (1, 8))).shape[-1] == model.config.vocab_size
 
 
-def test_convert_command_errors(setup, tmp_path):
-    with pytest.raises(ValueError, match="does not divide d_ff=64"):
-        main(["convert", "--method", "partition", "--experts", "5", "--model", str(setup / "dense"),
-              "--out", str(tmp_path / "x"), "--data", str(setup / "text.jsonl"), "--no-progress"])
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        main(["convert", "--method", "prune", "--model", str(tmp_path), "--out", str(tmp_path / "y"), "--no-progress"])
+def test_convert_command_errors(setup, tmp_path, capsys):
+    assert main(["convert", "--method", "partition", "--experts", "5", "--model", str(setup / "dense"),
+                 "--out", str(tmp_path / "x"), "--data", str(setup / "text.jsonl"), "--no-progress"]) == 1
+    assert re.fullmatch(r"moekit convert: error: .*does not divide d_ff=64.*\n", capsys.readouterr().err)
+    assert main(["convert", "--method", "prune", "--model", str(tmp_path), "--out", str(tmp_path / "y"),
+                 "--no-progress"]) == 1
+    assert "no config.json" in capsys.readouterr().err

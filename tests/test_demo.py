@@ -1,9 +1,12 @@
 import json
+import re
 
 import pytest
 
 from moekit.cli import main
 from moekit.demo import run_demo
+
+from .faults import resign
 
 
 def test_quick_demo_writes_report_and_figures(tmp_path):
@@ -33,9 +36,9 @@ def test_quick_demo_writes_report_and_figures(tmp_path):
     assert "| moe-top2 |" in again and "Experiments against the papers" in again
 
 
-def test_report_only_needs_a_finished_demo(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run `moekit demo"):
-        main(["demo", "--out", str(tmp_path), "--report-only"])
+def test_report_only_needs_a_finished_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--report-only"]) == 1
+    assert "run `moekit demo" in capsys.readouterr().err
 
 
 def test_demo_rejects_unknown_variant(tmp_path):
@@ -49,7 +52,7 @@ def _train_args(data, out, *extra):
             "--batch-size", "2", "--warmup", "1", "--no-progress", *extra]
 
 
-def test_cli_train_resume_and_tokenizer_mismatch(tmp_path):
+def test_cli_train_resume_and_tokenizer_mismatch(tmp_path, capsys):
     data = tmp_path / "corpus.txt"
     data.write_text("\n\n".join(f"paragraph {i}: the cat sat on the mat and looked around." for i in range(300)),
                     encoding="utf-8")
@@ -61,10 +64,13 @@ def test_cli_train_resume_and_tokenizer_mismatch(tmp_path):
 
     other, _ = train_tokenizer(["completely different text " * 40], 280, cache_dir=tmp_path / "tok")
     (out / "tokenizer.json").write_text(other.to_str())
-    with pytest.raises(ValueError, match="vocab_size=.*resume with the tokenizer the run was started with"):
-        main(_train_args(data, out, "--resume"))
+    assert main(_train_args(data, out, "--resume")) == 1  # replaced by hand: its checksum no longer matches
+    assert "tokenizer.json: " in capsys.readouterr().err
+    resign(out)  # and behind the checksum, the vocabulary is checked
+    assert main(_train_args(data, out, "--resume")) == 1
+    assert re.search("vocab_size=.*resume with the tokenizer the run was started with", capsys.readouterr().err)
 
 
-def test_cli_train_missing_data(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        main(_train_args(tmp_path / "missing.txt", tmp_path / "run"))
+def test_cli_train_missing_data(tmp_path, capsys):
+    assert main(_train_args(tmp_path / "missing.txt", tmp_path / "run")) == 1
+    assert "no such file" in capsys.readouterr().err

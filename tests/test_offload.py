@@ -123,7 +123,7 @@ def test_store_bad_input(tmp_path, served):
         ExpertStore(folder)
     write_store(model, folder)
     (folder / "layer_002.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(ValueError, match=r"layer_002.safetensors: missing \(listed in moekit.json\)"):
         ExpertStore(folder)
     with pytest.raises(FileNotFoundError, match="not an expert store"):
         ExpertStore(tmp_path)

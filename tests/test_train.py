@@ -46,6 +46,7 @@ def test_resume_equals_uninterrupted_run(streams, tmp_path):
 
     # a run killed after step 5: its last checkpoint is step 4, and it logged step 5 after it
     killed = Trainer(_model(vocab), train, None, _cfg(ckpt_every=4), out_dir=tmp_path / "run", progress=False)
+    killed.start()
     for _ in range(5):
         rec = killed.train_step()
         killed._log(rec)
@@ -60,14 +61,17 @@ def test_resume_equals_uninterrupted_run(streams, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))
     ckpts = tmp_path / "run" / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step-0000008"
+    assert (ckpts / "latest").read_text() == "step-0000008\n"
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # no half-written checkpoint left
 
 
-def test_resume_without_checkpoint_is_an_error(streams, tmp_path):
+def test_resume_without_a_run_or_checkpoint_is_an_error(streams, tmp_path):
     train, _, vocab = streams
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="no moekit.json, so not a complete moekit train-run"):
         Trainer(_model(vocab), train, None, _cfg(), out_dir=tmp_path, progress=False).train(resume=True)
+    Trainer(_model(vocab), train, None, _cfg(), out_dir=tmp_path / "r", progress=False).start()  # no step yet
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
+        Trainer(_model(vocab), train, None, _cfg(), out_dir=tmp_path / "r", progress=False).train(resume=True)
 
 
 def test_aux_losses_are_added(streams):
@@ -83,7 +87,7 @@ def test_budget_and_config_errors(streams):
         Trainer(_model(vocab), train, None, _cfg(minutes=1e-9), progress=False).train()
     with pytest.raises(ValueError, match="minutes must be > 0"):
         _cfg(minutes=0)
-    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, inf\], got 0"):
         _cfg(steps=0)
     with pytest.raises(ValueError, match="too small for seq_len=4096"):
         Trainer(_model(vocab), train, None, _cfg(seq_len=4096), progress=False)

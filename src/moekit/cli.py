@@ -1,15 +1,30 @@
-"""The ``moekit`` command line. ``moekit --help`` lists the subcommands; each has its own ``--help``."""
+"""The ``moekit`` command line. ``moekit --help`` lists the subcommands; each has its own ``--help``.
+
+A user's mistake (a bad flag, a missing or damaged file, a folder that is not moekit's, a run that
+diverged) ends in one or two lines naming the argument or file and the fix, with a non-zero exit
+status; ``--debug`` (or ``MOEKIT_DEBUG=1``) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
+from pathlib import Path
+
+from ._checks import arg_number
+
+POS_INT, NONNEG_INT = arg_number(1, integer=True), arg_number(0, integer=True)
 
 
 def _cmd_bench_layer(args: argparse.Namespace) -> int:
     import torch
 
     from .bench.layer import run_layer_bench
+    from .io import check_report_target
+
+    check_report_target(args.out, "--out")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -20,6 +35,9 @@ def _cmd_bench_layer(args: argparse.Namespace) -> int:
 
 def _cmd_bench_mole(args: argparse.Namespace) -> int:
     from .bench.mole import run_mole_bench
+    from .io import check_report_target
+
+    check_report_target(args.out, "--out")
 
     run_mole_bench(out=args.out, quick=args.quick)
     return 0
@@ -27,6 +45,12 @@ def _cmd_bench_mole(args: argparse.Namespace) -> int:
 
 def _cmd_bench_offload(args: argparse.Namespace) -> int:
     from .bench.offload import run_offload_bench
+    from .io import check_report_target
+
+    check_report_target(args.out, "--out")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such folder; give a saved moekit GPT with MoE layers, or "
+                                "leave --model out to use (or train) the demo's")
 
     run_offload_bench(out=args.out, model_path=args.model, sequences=args.sequences, serve_tokens=args.serve_tokens,
                       train_steps=args.train_steps, readme=False if args.no_readme else None, quick=args.quick)
@@ -52,9 +76,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     tokenizer = None
     if args.tokenizer:
-        from tokenizers import Tokenizer
+        from .data import load_tokenizer
 
-        tokenizer = Tokenizer.from_file(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
     if args.offload:
         engine = Engine(args.model, args.store, parse_budget(args.budget), tokenizer, policy=args.policy,
                         partition=args.partition, prefetch=None if args.prefetch == "none" else args.prefetch,
@@ -85,6 +109,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_bench_parallel(args: argparse.Namespace) -> int:
     from .bench.parallel import run_parallel_bench
+    from .io import check_report_target
+
+    check_report_target(args.out, "--out")
 
     run_parallel_bench(out=args.out, world=args.world, steps=args.steps, quick=args.quick)
     return 0
@@ -135,9 +162,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     import importlib
 
+    from .io import MANIFEST, claim_folder, record_files
+
     module = importlib.import_module(f".experiments.{EXPERIMENTS[args.name]}", __package__)
     kw = {} if args.seeds is None else {"seeds": args.seeds}
-    module.run(out=args.out or f"runs/experiments/{args.name}", quick=args.quick, **kw)
+    out = claim_folder(args.out or f"runs/experiments/{args.name}", "experiment", "--out")
+    module.run(out=out, quick=args.quick, **kw)
+    record_files(out, "experiment", sorted(p.name for p in out.iterdir()
+                                           if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")))
     return 0
 
 
@@ -145,8 +177,15 @@ EXPERIMENTS = {"dselect": "dselect", "dsmoe": "dsmoe", "dynamic-k": "dynamic_k",
                "convert-minilm": "convert_minilm"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a two-line usage error (the message, then where to read more)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-experts toolkit for PyTorch.")
+    p = _Parser(prog="moekit", description="Mixture-of-experts toolkit for PyTorch.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -160,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="tiny models and data, under 90 s (smoke test)")
-    demo.add_argument("--minutes", type=float, default=None, help="training budget for all variants together")
+    demo.add_argument("--minutes", type=arg_number(0, lo_open=True), default=None,
+                      help="training budget for all variants together")
     demo.add_argument("--data", default=None, help="text file, folder or JSONL instead of the bundled corpus")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=NONNEG_INT, default=0)
     demo.add_argument("--variants", nargs="+", default=None, help="train only these variants")
     demo.add_argument("--experiments", default="runs/experiments",
                       help="folder of `moekit experiment` results to include in the report")
@@ -198,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
     exp.add_argument("--out", default=None, help="output folder (default runs/experiments/NAME)")
-    exp.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the experiment's)")
+    exp.add_argument("--seeds", type=POS_INT, default=None, help="number of seeds (default: the experiment's)")
     exp.add_argument("--quick", action="store_true", help="small data and few epochs (smoke test)")
     exp.set_defaults(func=_cmd_experiment)
 
@@ -209,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--model", required=True, help="a folder written by GPT.save (moekit train / moekit demo)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--max-new-tokens", type=POS_INT, default=64)
+    gen.add_argument("--temperature", type=arg_number(0), default=0.0, help="0: greedy")
+    gen.add_argument("--seed", type=NONNEG_INT, default=None, help="sampling seed")
     gen.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the model)")
     gen.add_argument("--offload", action="store_true", help="serve the experts from disk through a cache")
     gen.add_argument("--store", default=None, help="expert store folder (default: MODEL/experts)")
@@ -220,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--partition", default="layer", choices=["layer", "global"], help="one pool per layer or one")
     gen.add_argument("--prefetch", default="none", choices=["none", "gate"],
                      help="gate: the next layer's router predicts its experts, loaded while this layer computes")
-    gen.add_argument("--low-threshold", type=float, default=None,
+    gen.add_argument("--low-threshold", type=arg_number(0, 1), default=None,
                      help="mixed precision: misses with a gate weight below this use the expert's int8 copy")
     gen.add_argument("--direct", type=_direct_rule, default=None, metavar="K|cost",
                      help="Fiddler's rule: once the cache is full, a missed expert that fewer than K tokens need is "
@@ -241,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(eager) with the same weights, and a dense SwiGLU FFN with the same active parameters.",
     )
     layer.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
-    layer.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
+    layer.add_argument("--repeats", type=POS_INT, default=None, help="timed runs per measurement (median)")
     layer.add_argument("--out", default="runs/bench/layer.json", help="JSON output path")
-    layer.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    layer.add_argument("--threads", type=POS_INT, default=None, help="torch threads (default: torch's)")
     layer.add_argument("--no-hf", action="store_true", help="skip the transformers block")
     layer.add_argument("--no-malloc-tuning", action="store_true",
                        help="leave glibc malloc's thresholds alone (see moekit.bench.timing.keep_freed_memory)")
@@ -266,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--model", default=None,
                      help="a saved moekit GPT with MoE layers (default: the demo's moe-top2, else runs/bench/moe-top2, "
                      "trained with the demo's settings if missing)")
-    off.add_argument("--sequences", type=int, default=16, help="held-out sequences in the trace")
-    off.add_argument("--serve-tokens", type=int, default=128, help="tokens decoded by the served runtime per policy")
-    off.add_argument("--train-steps", type=int, default=357, help="training steps when the model is missing")
+    off.add_argument("--sequences", type=POS_INT, default=16, help="held-out sequences in the trace")
+    off.add_argument("--serve-tokens", type=POS_INT, default=128, help="tokens decoded by the served runtime per policy")
+    off.add_argument("--train-steps", type=POS_INT, default=357, help="training steps when the model is missing")
     off.add_argument("--no-readme", action="store_true",
                      help="skip the Read-ME model (the demo's dense GPT refactored by topic, built once in "
                      "runs/bench/readme-topics: about 10 minutes)")
@@ -281,17 +321,63 @@ def build_parser() -> argparse.ArgumentParser:
         "(data + expert parallel, spawned, gloo on loopback); prints bytes sent per layer and step against "
         "tokens x k x d_model x 4 bytes each way, and the median step time.",
     )
-    par.add_argument("--world", type=int, default=2, help="processes")
-    par.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    par.add_argument("--world", type=arg_number(2, integer=True), default=2, help="processes (>= 2)")
+    par.add_argument("--steps", type=POS_INT, default=10, help="timed steps (after 2 warm-up steps)")
     par.add_argument("--quick", action="store_true", help="a small model and 3 steps (smoke test)")
     par.add_argument("--out", default="runs/bench/parallel.json", help="JSON output path")
     par.set_defaults(func=_cmd_bench_parallel)
     return p
 
 
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    """``--debug`` on every (sub)command: show the traceback of an error."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error (or set MOEKIT_DEBUG=1)")
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _add_debug(sub)
+
+
+#: errors that are the user's to fix (their message names the argument or file and the fix)
+USER_ERRORS = (ValueError, TypeError, OSError, LookupError)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .train.trainer import TrainingDiverged
+
+    p = build_parser()
+    _add_debug(p)
+    args = p.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("MOEKIT_DEBUG", "") not in ("", "0")
+    name = " ".join(["moekit", args.command, *([args.bench] if getattr(args, "bench", None) else [])])
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = show
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"{name}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if debug:
+                raise
+            if isinstance(e, (*USER_ERRORS, TrainingDiverged)):
+                print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+            else:
+                print(f"{name}: error: {type(e).__name__}: {_one_line(e)}\n(unexpected: run again with --debug for the "
+                      "traceback, and please report it)", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 
 from .bench.timing import keep_freed_memory
 from .data import TokenStream, by_split, load_corpus, train_tokenizer
-from .io import atomic_write_text
+from .io import atomic_write_text, claim_folder, read_json, record_files, verify
 from .models import GPT, GPTConfig
 from .report import markdown_table, plot_expert_load, plot_loss_curves, plot_tradeoffs
 from .train import TrainConfig, Trainer, evaluate
@@ -173,6 +173,7 @@ EXPERIMENTS = {"dselect": ("DSelect-k in multi-task learning", "dselect", "dsele
                                   "convert_minilm", "convert_minilm.png")}
 
 
+DEMO_KIND = "demo"
 COMMITTED_EXPERIMENTS = Path("docs/experiments")  # the latest results, kept in the repository
 
 
@@ -237,15 +238,18 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
         raise ValueError(f"demo: minutes must be > 0, got {s.minutes!r}")
     out = Path(out)
     torch.manual_seed(seed)
+    if variants:  # names checked before any slow work
+        names = [v.name for v in default_variants(base_config(s, s.vocab_size))]
+        unknown = sorted(set(variants) - set(names))
+        if unknown:
+            raise ValueError(f"demo: unknown variants {unknown}; valid: {names}")
+    claim_folder(out, DEMO_KIND, "--out")
 
     console.rule("moekit demo")
     train, val, tokenizer = prepare_corpus(s, data, console)
     base = base_config(s, tokenizer.get_vocab_size())
     all_variants = default_variants(base)
     if variants:
-        unknown = sorted(set(variants) - {v.name for v in all_variants})
-        if unknown:
-            raise ValueError(f"demo: unknown variants {unknown}; valid: {[v.name for v in all_variants]}")
         all_variants = [v for v in all_variants if v.name in variants]
     cfg = TrainConfig(steps=1, batch_size=s.batch_size, seq_len=s.seq_len, lr=s.lr, seed=seed, log_every=5)
 
@@ -269,12 +273,12 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
         torch.manual_seed(seed)
         model = GPT(v.config)
         t0 = time.perf_counter()
-        trainer = Trainer(model, train, val, cfg, out_dir=out / "variants" / v.name, progress=progress, name=v.name)
+        trainer = Trainer(model, train, val, cfg, out_dir=out / "variants" / v.name, progress=progress, name=v.name,
+                          files={"tokenizer.json": tokenizer.to_str()}, overwrite=True)  # for moekit generate
         history = trainer.train()
         train_s = time.perf_counter() - t0
         histories[v.name] = history
         model.save(out / "variants" / v.name / "model")
-        atomic_write_text(out / "variants" / v.name / "tokenizer.json", tokenizer.to_str())  # for moekit generate
         params_total, extra = model.num_params(), {}
         if v.measure is not None:
             extra.update(v.measure(model, out / "variants" / v.name,
@@ -327,6 +331,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out),
                                                        bench_sections(out)))
+    record_files(out, DEMO_KIND, ["results.json", "report.md", *(v.name for v in figures.values() if v is not None)])
     console.print(f"report: {out / 'report.md'} ({summary['wall_s']:.0f} s)")
     return summary
 
@@ -339,9 +344,12 @@ def rerender_report(out: str | os.PathLike = "runs/demo",
     res = out / "results.json"
     if not res.exists():
         raise FileNotFoundError(f"{res}: missing; run `moekit demo --out {out}` first")
-    summary = json.loads(res.read_text())
-    return atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out),
+    verify(out, DEMO_KIND, f"run `moekit demo --out {out}` again", only=["results.json"])
+    summary = read_json(res)
+    path = atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out),
                                                               bench_sections(out)))
+    record_files(out, DEMO_KIND, ["report.md"])
+    return path
 
 
 def results_table(results: list[dict]) -> str:

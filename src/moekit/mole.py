@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -27,11 +28,14 @@ from torch import Tensor, nn
 
 from .dispatch import Segments
 from .experts import GroupedExperts
-from .io import atomic_write, atomic_write_text
+from .io import IntegrityError, read_json, verify, write_folder
 from .layer import FFN
 
 MANIFEST = "manifest.json"
 TABLE = "table.bin"
+ROW_CRC = "table.crc32"
+TABLE_KIND = "mole-table"
+TABLE_FIX = "write the table again with moekit.mole.reparameterize (from the trained model)"
 TABLE_FORMAT = 1
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 QUANTIZED = ("int8", "nf4")
@@ -180,7 +184,9 @@ def reparameterize(model, path: str | os.PathLike, dtype: torch.dtype | str = to
     if name == "nf4" and D % block:
         raise ValueError(f"reparameterize: nf4 block={block} must divide d_model={D}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    per_token = (_record_bytes(name, L, N, D, block) if name in QUANTIZED
+                 else L * N * D * np.dtype(_DTYPES[name][1]).itemsize)
+    crcs = np.empty(V, dtype="<u4")  # one CRC-32 per token's record, checked whenever it is read from disk
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f, Progress(disable=not progress, transient=True) as bar:
@@ -189,18 +195,21 @@ def reparameterize(model, path: str | os.PathLike, dtype: torch.dtype | str = to
                 rows = emb[start : start + batch]
                 vals = torch.stack([m.expert_rows(rows) for m in layers], dim=1).float().cpu()  # [b, L, N, D]
                 if name in QUANTIZED:
-                    f.write(quantize(vals, name, block).tobytes())
+                    raw = quantize(vals, name, block)
                 else:
-                    f.write(vals.to(_DTYPES[name][0]).numpy().astype(np.dtype(_DTYPES[name][1]).newbyteorder("<")).tobytes())
+                    raw = vals.to(_DTYPES[name][0]).numpy().astype(np.dtype(_DTYPES[name][1]).newbyteorder("<"))
+                raw = np.ascontiguousarray(raw).view(np.uint8).reshape(rows.shape[0], per_token)
+                crcs[start: start + rows.shape[0]] = [zlib.crc32(r) for r in raw]
+                f.write(raw.tobytes())
                 bar.advance(task, rows.shape[0])
 
-    atomic_write(path / TABLE, write)
-    per_token = (_record_bytes(name, L, N, D, block) if name in QUANTIZED
-                 else L * N * D * np.dtype(_DTYPES[name][1]).itemsize)
     manifest = {"format": TABLE_FORMAT, "layout": "V,L,N,D", "vocab_size": V, "n_layers": L, "num_experts": N,
                 "d_model": D, "dtype": name, "block": block if name == "nf4" else None,
                 "bytes_per_token": per_token, "bytes": V * per_token, "source_sha256": _hash_sources(emb, layers)}
-    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2))
+    with write_folder(path, TABLE_KIND, "MoLE table folder", whole=True) as w:
+        w.write(TABLE, write, blocks=f"CRC-32 of each token's record in {ROW_CRC}")
+        w.write_bytes(ROW_CRC, crcs.tobytes())
+        w.write_text(MANIFEST, json.dumps(manifest, indent=2))
     inference = copy.deepcopy(model)
     table = LookupTable(path, expect_hash=manifest["source_sha256"], cache_bytes=cache_bytes)
     for i, block in enumerate(inference.blocks):
@@ -219,7 +228,8 @@ class LookupTable:
         path = Path(path)
         if not (path / MANIFEST).exists():
             raise FileNotFoundError(f"{path / MANIFEST}: missing; was the table written by moekit.mole.reparameterize?")
-        m = json.loads((path / MANIFEST).read_text())
+        verify(path, TABLE_KIND, TABLE_FIX)
+        m = read_json(path / MANIFEST, TABLE_FIX)
         if m.get("format") != TABLE_FORMAT or m.get("layout") != "V,L,N,D" or m.get("dtype") not in (*_DTYPES, *QUANTIZED):
             raise ValueError(f"{path}: unsupported table (format {m.get('format')}, dtype {m.get('dtype')})")
         if expect_hash is not None and m["source_sha256"] != expect_hash:
@@ -241,6 +251,11 @@ class LookupTable:
             np_dtype = np.dtype(_DTYPES[self.kind][1]).newbyteorder("<")
             self.rows = np.memmap(table, dtype=np_dtype, mode="r", shape=self.shape)
         self.bytes_per_token = m["bytes_per_token"]
+        self.crc32 = np.fromfile(path / ROW_CRC, dtype="<u4")
+        if self.crc32.shape != (self.shape[0],):
+            raise IntegrityError(f"{path / ROW_CRC}: {self.crc32.size} checksums for {self.shape[0]} tokens; {TABLE_FIX}")
+        #: check each record read from disk against its CRC-32 (about a microsecond per 4 KiB record)
+        self.verify = True
         self.bytes_read = 0
         #: read each row with pread after dropping it from the OS page cache (benchmarks of cold reads)
         self.drop_page_cache = False
@@ -309,6 +324,12 @@ class LookupTable:
                     raise OSError(f"{self.path / TABLE}: short read of token {v}; the table file changed on disk")
         elif missing:
             out[missing] = self.rows[[key[i] for i in missing]]
+        if self.verify:
+            raw = out.reshape(len(key), -1).view(np.uint8)
+            for i in missing:
+                if zlib.crc32(raw[i]) != self.crc32[key[i]]:
+                    raise IntegrityError(f"{self.path / TABLE}: the record of token {key[i]} does not match its "
+                                         f"checksum (the table is corrupt); {TABLE_FIX}")
         self.bytes_read += len(missing) * n
         for i in missing if self.cache_rows else ():
             self._cache[key[i]] = out[i].copy()

@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import arg_number
+
 METHODS = ("partition", "refactor", "upcycle", "prune")
+POS_INT, NONNEG_INT = arg_number(1, integer=True), arg_number(0, integer=True)
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,27 +26,27 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json (default: in --model, or beside it as `moekit train` writes it)")
     p.add_argument("--data", default="wiki", help="calibration and tuning text: 'wiki' (bundled corpus), a file, "
                                                   "a folder, or JSONL")
-    p.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens (per domain for refactor)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--experts", type=int, default=8, help="experts per FFN (partition, upcycle)")
+    p.add_argument("--calibration-tokens", type=POS_INT, default=16384, help="calibration tokens (per domain for refactor)")
+    p.add_argument("--seq-len", type=arg_number(2, integer=True), default=128)
+    p.add_argument("--experts", type=POS_INT, default=8, help="experts per FFN (partition, upcycle)")
     p.add_argument("--router", default=None, help="router name (default: sigmoid_ste for partition, topk for upcycle)")
-    p.add_argument("--k", type=int, default=2, help="experts per token for top-k routers")
-    p.add_argument("--sparsity", type=float, default=None, help="SigmoidSTE sparsity coefficient (default 1/layers)")
+    p.add_argument("--k", type=POS_INT, default=2, help="experts per token for top-k routers")
+    p.add_argument("--sparsity", type=arg_number(0), default=None, help="SigmoidSTE sparsity coefficient (default 1/layers)")
     p.add_argument("--grouping", choices=["contiguous", "cluster"], default="contiguous")
     p.add_argument("--features", choices=["weights", "activations"], default="activations",
                    help="what clustering compares (grouping=cluster)")
     p.add_argument("--fit-router", action="store_true", help="fit the router by least squares on calibration text")
-    p.add_argument("--keep", type=float, default=0.5, help="active fraction of each FFN (refactor, prune)")
+    p.add_argument("--keep", type=arg_number(0, 1, lo_open=True), default=0.5, help="active fraction of each FFN (refactor, prune)")
     p.add_argument("--domains", default="language", help="refactor: document field whose values are the domains "
                                                          "(language or topic)")
-    p.add_argument("--max-domains", type=int, default=4, help="refactor: at most this many (the largest) domains")
-    p.add_argument("--rounds", type=int, default=2, help="refactor: alternating router/expert rounds")
-    p.add_argument("--router-steps", type=int, default=30, help="refactor: PreGate distillation steps per round")
-    p.add_argument("--tune-steps", type=int, default=0,
+    p.add_argument("--max-domains", type=arg_number(2, integer=True), default=4, help="refactor: at most this many (the largest) domains")
+    p.add_argument("--rounds", type=NONNEG_INT, default=2, help="refactor: alternating router/expert rounds")
+    p.add_argument("--router-steps", type=NONNEG_INT, default=30, help="refactor: PreGate distillation steps per round")
+    p.add_argument("--tune-steps", type=NONNEG_INT, default=0,
                    help="LM fine-tuning steps (refactor: per round; others: in all; moekit GPT and *ForCausalLM)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=POS_INT, default=16)
+    p.add_argument("--lr", type=arg_number(0, lo_open=True), default=3e-4)
+    p.add_argument("--seed", type=NONNEG_INT, default=0)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -66,12 +69,12 @@ def _load_model(path: Path) -> nn.Module:
 
 
 def _load_tokenizer(args, model_path: Path):
-    from tokenizers import Tokenizer
+    from ..data import load_tokenizer
 
     for p in ([Path(args.tokenizer)] if args.tokenizer else
               [model_path / "tokenizer.json", model_path.parent / "tokenizer.json"]):
         if p.exists():
-            return Tokenizer.from_file(str(p))
+            return load_tokenizer(p)
     raise FileNotFoundError(f"no tokenizer.json in {model_path} or beside it; pass --tokenizer")
 
 
@@ -103,6 +106,13 @@ def convert_from_args(args: argparse.Namespace) -> nn.Module:
     from ..layer import aux_loss
     from . import fit_routers, partition, prune, refactor, save, tune, upcycle
 
+    from ..io import check_target
+    from ..models.gpt import MODEL_KIND
+    from ..routers import available_routers
+
+    if args.router is not None and args.router not in available_routers():  # before any slow work
+        raise ValueError(f"--router {args.router!r}: unknown; valid names are {available_routers()}")
+    check_target(args.out, MODEL_KIND, "--out")
     torch.manual_seed(args.seed)
     model_path = Path(args.model)
     model = _load_model(model_path).eval()

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import atomic_write, atomic_write_text
+from ..io import MANIFEST, read_json, write_folder
 from ..layer import FFN, MoE
+from ..models.gpt import MODEL_KIND
 from ..routers import build_router
 from .build import ConvertedFFN, RoutingContext
 from .ffn import family_of, find_ffns
@@ -44,9 +45,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError("moekit.convert.save: the model was not converted by moekit.convert "
                          "(use model.save_pretrained for plain transformers models)")
     meta = {"format": FORMAT, "class": type(model).__name__, **info}
-    atomic_write(path / WEIGHTS, lambda tmp: save_model(model, tmp))
-    atomic_write_text(path / "config.json", model.config.to_json_string())
-    atomic_write_text(path / CONVERT_FILE, json.dumps(meta, indent=1))
+    with write_folder(path, MODEL_KIND, "model folder") as w:
+        w.write(WEIGHTS, lambda tmp: save_model(model, tmp))
+        w.write_text("config.json", model.config.to_json_string())
+        w.write_text(CONVERT_FILE, json.dumps(meta, indent=1))
     return path
 
 
@@ -80,12 +82,15 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
     from safetensors.torch import load_model
 
     from ..models import GPT
-    from ..models.gpt import read_config
+    from ..models.gpt import MODEL_FIX, read_config, verify_model
 
     path = Path(path)
     meta_file = path / CONVERT_FILE
-    if not meta_file.exists():
-        if (path / "config.json").exists():
+    if not (path / MANIFEST).exists() and not (path / CONVERT_FILE).exists() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no {CONVERT_FILE} / config.json; was it written by moekit.convert.save?")
+    man = verify_model(path)
+    if CONVERT_FILE not in man["files"]:
+        if "config.json" in man["files"]:
             try:
                 model = GPT(read_config(path))
             except (ValueError, TypeError) as e:
@@ -95,7 +100,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
                 model.load_weights(path)
             return (model if dtype is None else model.to(dtype)).eval()
         raise FileNotFoundError(f"{path}: no {CONVERT_FILE} / config.json; was it written by moekit.convert.save?")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, MODEL_FIX)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} (this moekit reads {FORMAT})")
     import transformers
@@ -122,8 +127,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
     if dtype is not None:  # after the converted modules are in place, so that they are cast too
         model = model.to(dtype)
     weights = path / WEIGHTS
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights}: missing; was the model written by moekit.convert.save?")
     try:
         with _readable_weights(weights):
             load_model(model, str(weights), strict=True)

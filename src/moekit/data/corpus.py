@@ -161,3 +161,17 @@ def by_split(docs: Iterable[Document]) -> dict[str, list[Document]]:
     for d in docs:
         out[d.split].append(d)
     return out
+
+
+def corpus_fingerprint(docs: dict[str, list[Document]] | Iterable[Document]) -> str:
+    """SHA-256 of the training and validation text (each document's split and text, in order): what
+    a resumed run must find again."""
+    items = [d for split in ("train", "validation") for d in docs[split]] if isinstance(docs, dict) else \
+        [d for d in docs if d.split in ("train", "validation")]
+    h = hashlib.sha256()
+    for d in items:
+        h.update(d.split.encode())
+        h.update(b"\x00")
+        h.update(d.text.encode("utf-8"))
+        h.update(b"\x01")
+    return h.hexdigest()

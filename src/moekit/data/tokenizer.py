@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import MANIFEST, MoekitWarning, kind_of, remove_folder, verify, verify_file, write_folder
 
 EOS = "<|endoftext|>"
 TOKENIZER_FORMAT = 1  # bump when the construction below changes
+CACHE_KIND = "tokenizer-cache"
 
 
 def cache_root() -> Path:
@@ -44,9 +46,13 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 8192, min_frequency:
     if not texts:
         raise ValueError("train_tokenizer: no training text")
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenizers"
-    path = root / tokenizer_key(texts, vocab_size, min_frequency) / "tokenizer.json"
-    if path.exists():
-        return Tokenizer.from_file(str(path)), True
+    folder = root / tokenizer_key(texts, vocab_size, min_frequency)
+    if (folder / MANIFEST).exists():
+        try:
+            verify(folder, CACHE_KIND, "")
+            return Tokenizer.from_file(str(folder / "tokenizer.json")), True
+        except Exception as e:  # a cache: a damaged entry is trained again
+            warnings.warn(f"tokenizer cache {folder}: {e}; training it again", MoekitWarning, stacklevel=2)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -58,11 +64,21 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 8192, min_frequency:
         show_progress=show_progress,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    atomic_write_text(path, tok.to_str())
+    if folder.exists() and kind_of(folder) == CACHE_KIND:
+        remove_folder(folder, CACHE_KIND)
+    elif folder.is_dir() and sorted(p.name for p in folder.iterdir()) == ["tokenizer.json"]:
+        (folder / "tokenizer.json").unlink()  # an entry of this cache written before it kept checksums
+    try:
+        with write_folder(folder, CACHE_KIND, "tokenizer cache") as w:
+            w.write_text("tokenizer.json", tok.to_str())
+    except FileExistsError as e:  # not ours: leave it, and the tokenizer is simply not cached
+        warnings.warn(f"tokenizer cache: {e}", MoekitWarning, stacklevel=2)
     return tok, False
 
 
 def load_tokenizer(path: str | os.PathLike):
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` (or a folder holding one). When the folder
+    is moekit's (a run, a model), the file is checked against its checksum first."""
     from tokenizers import Tokenizer
 
     p = Path(path)
@@ -70,7 +86,11 @@ def load_tokenizer(path: str | os.PathLike):
         p = p / "tokenizer.json"
     if not p.exists():
         raise FileNotFoundError(f"tokenizer: {p} does not exist")
-    return Tokenizer.from_file(str(p))
+    verify_file(p, "the tokenizer was damaged: copy it again from the run it came from, or retrain")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception with serde's message
+        raise ValueError(f"{p}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
 
 
 def eos_id(tokenizer) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..io import atomic_write, atomic_write_text
+from ..io import MANIFEST, IntegrityError, read_json, verify, write_folder
 from ..layer import FFN, MoE
 from ..routers import build_router
 from ..routing import Router
@@ -312,13 +312,14 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------- save / load
 
     def save(self, path: str | os.PathLike) -> Path:
-        """``path/config.json`` + ``path/model.safetensors``, each written atomically."""
+        """``path/config.json`` + ``path/model.safetensors`` and their checksums (``moekit.json``).
+        A new folder appears complete or not at all; an existing one must be a moekit model."""
         from safetensors.torch import save_model
 
-        path = Path(path)
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_model(self, tmp))
-        atomic_write_text(path / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2))
-        return path
+        with write_folder(path, MODEL_KIND, "model folder") as w:
+            w.write(WEIGHTS_FILE, lambda tmp: save_model(self, tmp))
+            w.write_text(CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GPT:
@@ -327,25 +328,43 @@ class GPT(nn.Module):
         return model
 
     def load_weights(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint saved by :meth:`save`; its config must equal this model's."""
+        """Load a checkpoint saved by :meth:`save` (verified first); its config must equal this model's."""
         from safetensors.torch import load_model
 
+        verify_model(path)
         saved = read_config(path)
         diff = saved.diff(self.config)
         if diff:
             detail = "; ".join(f"{k}: checkpoint={a!r} model={b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{path}: checkpoint config differs from the model's ({detail})")
-        weights = Path(path) / WEIGHTS_FILE
-        if not weights.exists():
-            raise FileNotFoundError(f"{weights}: missing; was the checkpoint written by GPT.save?")
-        load_model(self, str(weights), strict=True)
+        load_model(self, str(Path(path) / WEIGHTS_FILE), strict=True)
+
+
+MODEL_KIND = "model"
+MODEL_FIX = "the model folder is damaged or incomplete: save or train the model again, or restore it from a copy"
+
+
+def verify_model(path: str | os.PathLike, only: list[str] | None = None) -> dict:
+    """Check a model folder written by :meth:`GPT.save` or ``moekit.convert.save`` against its
+    checksums (every file, or those in ``only``); returns its manifest."""
+    p = Path(path)
+    if p.is_dir() and not (p / MANIFEST).exists():
+        if not (p / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{p / CONFIG_FILE}: missing; was the model written by GPT.save?")
+        raise IntegrityError(f"{p}: no {MANIFEST}: not a model folder moekit wrote (or its save was interrupted); "
+                             "load a plain Hugging Face model with transformers' from_pretrained, or save it with "
+                             "moekit again")
+    return verify(p, MODEL_KIND, MODEL_FIX, only)
 
 
 def read_config(path: str | os.PathLike) -> GPTConfig:
+    """The config of a model folder written by :meth:`GPT.save` (checked against its checksum)."""
     p = Path(path) / CONFIG_FILE
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: missing; was the checkpoint written by GPT.save?")
-    return GPTConfig.from_dict(json.loads(p.read_text(encoding="utf-8")))
+    verify_model(path, only=[CONFIG_FILE])
+    try:
+        return GPTConfig.from_dict(read_json(p, MODEL_FIX))
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{p}: not a moekit GPT config ({e})") from None
 
 
-__all__ = ["GPT", "GPTConfig", "Block", "Attention", "Rotary", "build_ffn", "read_config"]
+__all__ = ["GPT", "GPTConfig", "Block", "Attention", "Rotary", "build_ffn", "read_config", "verify_model"]

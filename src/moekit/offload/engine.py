@@ -37,11 +37,11 @@ def parse_budget(text: str | float | int) -> float | int:
 def find_tokenizer(model_dir: str | os.PathLike):
     """The ``tokenizers`` tokenizer saved beside a model (``tokenizer.json`` in its folder or the run
     folder above it, as ``moekit train`` writes), or ``None``."""
-    from tokenizers import Tokenizer
+    from ..data import load_tokenizer
 
     for folder in (Path(model_dir), Path(model_dir).parent):
         if (folder / "tokenizer.json").exists():
-            return Tokenizer.from_file(str(folder / "tokenizer.json"))
+            return load_tokenizer(folder / "tokenizer.json")
     return None
 
 

@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from ..dispatch import LocalDispatcher, Segments
 from ..experts import get_activation
+from ..io import kind_of, read_json, verify
 from .cache import ExpertCache, Future, check_direct, slots_for_budget
-from .store import ExpertStore, LayerSpec, moe_layers
+from .store import STORE_KIND, ExpertStore, LayerSpec, moe_layers
 
 STREAM_BYTES = 16 << 10  # the buffer a miss computed from the store is streamed through
 
@@ -538,11 +539,15 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
 
 
 def _stale(folder: Path, stamp: dict, low_bit: bool) -> bool:
-    """Whether the store in ``folder`` was written from another version of the checkpoint (or lacks
-    the int8 copies asked for)."""
-    import json
-
-    m = json.loads((folder / "manifest.json").read_text())
+    """Whether the store in ``folder`` must be written again: missing, damaged, written from another
+    version of the checkpoint, or without the int8 copies asked for."""
+    if kind_of(folder) != STORE_KIND:
+        return True
+    try:
+        verify(folder, STORE_KIND, "")
+        m = read_json(folder / "manifest.json")
+    except (OSError, ValueError):
+        return True
     return m.get("source") != stamp or (low_bit and not m.get("low_bit"))
 
 
@@ -550,25 +555,28 @@ def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLi
                    budget: float | int = 0.25, low_bit: bool = False, **kw):
     """``(model, server)``: a moekit GPT saved by ``GPT.save`` at ``path``, served with its experts
     on disk; the expert weights are never loaded into RAM (they are built on the meta device and
-    only the other tensors are read from the safetensors file). ``store`` defaults to
-    ``path/experts``, written from the checkpoint (with int8 copies if ``low_bit``) when missing.
-    Other keyword arguments go to :func:`offload`."""
+    only the other tensors are read from the safetensors file, verified against its checksum
+    first). ``store`` defaults to ``path/experts``, written from the checkpoint (with int8 copies
+    if ``low_bit``) when missing, damaged or older than the checkpoint. A ``store`` folder given
+    explicitly is written only if it does not exist (or is empty); an existing folder that is not
+    an expert store is refused, never replaced. Other keyword arguments go to :func:`offload`."""
     from safetensors import safe_open
 
     from ..experts import experts_on_meta
     from ..models import GPT
-    from ..models.gpt import WEIGHTS_FILE, read_config
+    from ..models.gpt import WEIGHTS_FILE, read_config, verify_model
     from .store import write_store
 
     path = Path(path)
+    man = verify_model(path)
     cfg = read_config(path)
-    weights = (path / WEIGHTS_FILE).stat()
-    stamp = {"checkpoint": str((path / WEIGHTS_FILE).resolve()), "size": weights.st_size,
-             "mtime_ns": weights.st_mtime_ns}
+    stamp = {"checkpoint": str((path / WEIGHTS_FILE).resolve()), "sha256": man["files"][WEIGHTS_FILE]["sha256"]}
     own = store is None  # path/experts is derived from the checkpoint: rebuilt whenever the checkpoint changes
     folder = Path(store.folder if isinstance(store, ExpertStore) else store or path / "experts")
     want_low = low_bit or kw.get("low_threshold") is not None
-    if not (folder / "manifest.json").exists() or (own and _stale(folder, stamp, want_low)):
+    if not isinstance(store, ExpertStore) and (
+            (own and _stale(folder, stamp, want_low)) or not folder.exists()
+            or (folder.is_dir() and not any(folder.iterdir()))):
         write_store(GPT.load(path), folder, low_bit=want_low, source=stamp)
     store = _open(store if isinstance(store, ExpertStore) else folder)
     if store.source and store.source.get("checkpoint") == stamp["checkpoint"] and store.source != stamp:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 import threading
 import zlib
@@ -30,13 +29,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_write_text
+from ..io import inside, read_json, write_folder
+from ..io import verify as verify_folder
 
 __all__ = ["ExpertStore", "LayerSpec", "fingerprint", "moe_layers", "write_store"]
 
 FORMAT = "moekit-expert-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+STORE_KIND = "expert-store"
+FIX = "the store is damaged: write it again with moekit.offload.write_store (a store beside a model is rebuilt by itself)"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -179,10 +181,11 @@ def _header(path: Path) -> tuple[int, dict]:
 
 def write_store(model: nn.Module, folder: str | os.PathLike, dtype: torch.dtype | None = None,
                 low_bit: bool = False, source: dict | None = None) -> ExpertStore:
-    """Write every MoE layer's experts of ``model`` to ``folder`` (replaced atomically) and open it.
-    ``dtype`` is the storage dtype (default: the experts' own). ``low_bit`` also writes an int8 copy
-    of every expert (per-row scales; about a quarter of the fp32 bytes) for mixed-precision serving.
-    ``source`` (JSON) records what the store was derived from."""
+    """Write every MoE layer's experts of ``model`` to ``folder`` and open it. The store is written
+    aside and swapped in whole; an existing ``folder`` must be an expert store (anything else is
+    refused, never replaced). ``dtype`` is the storage dtype (default: the experts' own).
+    ``low_bit`` also writes an int8 copy of every expert (per-row scales; about a quarter of the
+    fp32 bytes) for mixed-precision serving. ``source`` (JSON) records what the store was derived from."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -191,44 +194,36 @@ def write_store(model: nn.Module, folder: str | os.PathLike, dtype: torch.dtype 
     name = next((k for k, v in DTYPES.items() if v == dtype), None)
     if name is None:
         raise ValueError(f"write_store: unsupported dtype {dtype}; valid dtypes are {list(DTYPES)}")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     manifest = {"format": FORMAT, "version": VERSION, "dtype": name, "fingerprint": fingerprint(model),
                 "low_bit": bool(low_bit), "source": source, "layers": []}
-    for i, moe in enumerate(layers):
-        spec = LayerSpec.of(moe)
-        blocks = {f"expert.{e}": _block(moe, e, dtype) for e in range(spec.num_experts)}
-        if low_bit:
-            blocks.update({f"expert.{e}.int8": _low_block(moe, e) for e in range(spec.num_experts)})
-        file = f"layer_{i:03d}.safetensors"
-        save_file(blocks, str(tmp / file), metadata={"format": FORMAT, "layer": str(i)})
-        start, header = _header(tmp / file)
-        offsets, crcs = [], []
-        for e in range(spec.num_experts):
-            b0, b1 = header[f"expert.{e}"]["data_offsets"]
-            offsets.append(start + b0)
-            crcs.append(zlib.crc32(blocks[f"expert.{e}"].view(torch.uint8).numpy().tobytes()))
-            assert b1 - b0 == spec.numel * dtype.itemsize
-        entry = {"file": file, "num_experts": spec.num_experts, "d_model": spec.d_model, "d_ff": spec.d_ff,
-                 "activation": spec.activation, "bias": spec.bias, "first_out": spec.first_out, "offsets": offsets,
-                 "crc32": crcs}
-        if low_bit:
-            entry["low_offsets"] = [start + header[f"expert.{e}.int8"]["data_offsets"][0] for e in range(spec.num_experts)]
-            entry["low_crc32"] = [zlib.crc32(blocks[f"expert.{e}.int8"].numpy().tobytes())
-                                  for e in range(spec.num_experts)]
-        manifest["layers"].append(entry)
-        with open(tmp / file, "rb+") as f:
-            os.fsync(f.fileno())  # written out, so that the page cache may drop it
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
+    with write_folder(folder, STORE_KIND, "expert store", whole=True) as w:
+        for i, moe in enumerate(layers):
+            spec = LayerSpec.of(moe)
+            blocks = {f"expert.{e}": _block(moe, e, dtype) for e in range(spec.num_experts)}
+            if low_bit:
+                blocks.update({f"expert.{e}.int8": _low_block(moe, e) for e in range(spec.num_experts)})
+            file = f"layer_{i:03d}.safetensors"
+            path = w.write(file, lambda tmp, b=blocks, i=i: save_file(b, tmp, metadata={"format": FORMAT, "layer": str(i)}),
+                           blocks=f"CRC-32 of each expert's block in {MANIFEST}")
+            start, header = _header(path)
+            offsets, crcs = [], []
+            for e in range(spec.num_experts):
+                b0, b1 = header[f"expert.{e}"]["data_offsets"]
+                offsets.append(start + b0)
+                crcs.append(zlib.crc32(blocks[f"expert.{e}"].view(torch.uint8).numpy().tobytes()))
+                if b1 - b0 != spec.numel * dtype.itemsize:
+                    raise RuntimeError(f"write_store: layer {i} expert {e}: {b1 - b0} bytes written, "
+                                       f"expected {spec.numel * dtype.itemsize}")
+            entry = {"file": file, "num_experts": spec.num_experts, "d_model": spec.d_model, "d_ff": spec.d_ff,
+                     "activation": spec.activation, "bias": spec.bias, "first_out": spec.first_out, "offsets": offsets,
+                     "crc32": crcs}
+            if low_bit:
+                entry["low_offsets"] = [start + header[f"expert.{e}.int8"]["data_offsets"][0]
+                                        for e in range(spec.num_experts)]
+                entry["low_crc32"] = [zlib.crc32(blocks[f"expert.{e}.int8"].numpy().tobytes())
+                                      for e in range(spec.num_experts)]
+            manifest["layers"].append(entry)
+        w.write_text(MANIFEST, json.dumps(manifest, indent=1))
     return ExpertStore(folder)
 
 
@@ -243,11 +238,13 @@ class ExpertStore:
 
     def __init__(self, folder: str | os.PathLike, verify: bool = True, drop_page_cache: bool = False) -> None:
         self.folder = Path(folder)
+        self.fds = []
         man = self.folder / MANIFEST
         if not man.exists():
             raise FileNotFoundError(f"{man}: missing; {self.folder} is not an expert store (write one with "
                                     "moekit.offload.write_store(model, folder))")
-        m = json.loads(man.read_text())
+        verify_folder(self.folder, STORE_KIND, FIX)
+        m = read_json(man, FIX)
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             raise ValueError(f"{man}: not a {FORMAT} version {VERSION} manifest")
         if m["dtype"] not in DTYPES:
@@ -263,9 +260,8 @@ class ExpertStore:
         self.low_offsets = [d.get("low_offsets") for d in m["layers"]]
         self.low_crc32 = [d.get("low_crc32") for d in m["layers"]]
         self.verify, self.drop_page_cache = verify, drop_page_cache
-        self.fds = []
         for d, spec in zip(m["layers"], self.layers):
-            path = self.folder / d["file"]
+            path = inside(self.folder, d["file"], str(man))
             if not path.exists():
                 self.close()
                 raise FileNotFoundError(f"{path}: missing from the expert store; rewrite it with moekit.offload.write_store")

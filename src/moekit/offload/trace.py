@@ -14,6 +14,7 @@ Saved as safetensors (CSR arrays) with the metadata in its header: nothing is un
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..io import IntegrityError
 
 __all__ = ["Trace", "record_trace"]
 
@@ -83,31 +86,67 @@ class Trace:
                      self.token_ids[:tokens], list(self.num_experts), dict(self.meta))
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the trace to ``path`` (atomically, with the SHA-256 of its tensors in its header); an
+        existing file there must be a moekit trace."""
         from safetensors.torch import save_file
 
         from ..io import atomic_write
 
+        path = Path(path)
+        if path.exists() and _format_of(path) != FORMAT:
+            raise FileExistsError(f"{path}: exists and is not a moekit trace; choose another path")
         tensors = {"layer": self.layer.to(torch.int32), "token": self.token.to(torch.int64),
                    "offsets": self.offsets.to(torch.int64), "experts": self.experts.to(torch.int32),
                    "weights": self.weights.float(), "token_ids": self.token_ids.to(torch.int64)}
-        meta = {"format": "moekit-trace", "num_experts": json.dumps(self.num_experts), "meta": json.dumps(self.meta)}
-        return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                                                        metadata=meta))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"format": FORMAT, "num_experts": json.dumps(self.num_experts), "meta": json.dumps(self.meta),
+                "sha256": _digest(tensors)}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:
-        from safetensors import safe_open
+        """Read a trace written by :meth:`save`, checked against its SHA-256."""
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such trace; record one with moekit.offload.record_trace")
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != "moekit-trace":
-                raise ValueError(f"{path}: not a moekit trace (no 'format: moekit-trace' in its metadata)")
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        fix = "record the trace again with moekit.offload.record_trace"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                if md.get("format") != FORMAT:
+                    raise ValueError(f"{path}: not a moekit trace (no 'format: moekit-trace' in its metadata)")
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise IntegrityError(f"{path}: not a readable trace (truncated or corrupt: {e}); {fix}") from None
+        if md.get("sha256") != _digest(t):
+            raise IntegrityError(f"{path}: checksum mismatch (the trace is corrupt); {fix}")
         return cls(t["layer"].long(), t["token"], t["offsets"], t["experts"].long(), t["weights"], t["token_ids"],
                    json.loads(md["num_experts"]), json.loads(md["meta"]))
+
+
+FORMAT = "moekit-trace"
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _format_of(path: Path) -> str | None:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:
+        return None
 
 
 @torch.no_grad()

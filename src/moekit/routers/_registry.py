@@ -24,6 +24,14 @@ def available_routers() -> list[str]:
     return sorted(_ROUTERS)
 
 
+def router_class(name: str) -> type[Router]:
+    """The class registered as ``name`` (a ValueError naming the valid names otherwise)."""
+    try:
+        return _ROUTERS[name]
+    except KeyError:
+        raise ValueError(f"router: unknown name {name!r}; valid names are {available_routers()}") from None
+
+
 def build_router(spec: str | Router, **kwargs) -> Router:
     """A Router from an instance (returned as is) or a registered name plus keyword arguments."""
     if isinstance(spec, Router):

@@ -1,24 +1,56 @@
 """Training checkpoints: model, optimizer, RNG and run state in safetensors + JSON (no pickles).
 
-A checkpoint is a folder ``step-000123`` written under a temporary name and renamed when complete;
-the file ``latest`` (written atomically) names the newest one. A killed run therefore always
-finds a complete checkpoint, and loses at most the steps since it.
+A checkpoint is a folder ``step-0000123`` with a ``moekit.json`` manifest (the SHA-256 of each
+file, the step, the run it belongs to). It is written whole under a temporary name and renamed
+when complete, so under its final name it is complete or absent; saving a step that already
+exists swaps the new folder in atomically (the old copy is removed only after). The file
+``latest`` names the newest checkpoint for people; :func:`find_checkpoint` does not trust it: it
+takes the newest checkpoint that verifies and reports the ones it skipped. Checkpoints hold
+finite weights only: :func:`save_checkpoint` refuses a model with a NaN or inf parameter.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ..io import atomic_write_text
+from ..io import (
+    MANIFEST,
+    FolderWriter,
+    IntegrityError,
+    atomic_write_text,
+    check_target,
+    clean_stale,
+    fault_point,
+    kind_of,
+    publish,
+    read_json,
+    remove_folder,
+    staging_dir,
+    verify,
+    write_manifest,
+)
+
+__all__ = ["KIND", "LATEST", "all_finite", "find_checkpoint", "latest_checkpoint", "load_checkpoint", "list_checkpoints",
+           "save_checkpoint"]
 
 LATEST = "latest"
+KIND = "checkpoint"
+FOLDER_KIND = "checkpoints"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def all_finite(tensors) -> bool:
+    """Whether every tensor holds finite values only (one reduction per tensor, one sync)."""
+    tensors = [t.detach() for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([t.abs().amax().float() for t in tensors]).isfinite().all())
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -42,46 +74,92 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``folder`` atomically; keep the newest ``keep`` checkpoints."""
+                    state: dict, keep: int = 2, run: str | None = None) -> Path:
+    """Write checkpoint ``step`` of run ``run`` under ``folder``; keep the newest ``keep`` checkpoints
+    of that run and remove those of any other run (an overwritten one) once this one is complete."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if keep < 1:
+        raise ValueError(f"save_checkpoint: keep must be >= 1, got {keep}")
+    if not all_finite(model.parameters()):
+        raise ValueError(f"save_checkpoint: the model has NaN or inf weights at step {step}; not checkpointed")
+    if not check_target(folder, FOLDER_KIND, "checkpoint folder"):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_manifest(folder, FOLDER_KIND, {}, {})
+    clean_stale(folder)
     final = folder / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    tmp = staging_dir(final)
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        w = FolderWriter(tmp, KIND)
+        w.write("model.safetensors", lambda p: save_model(model, p))
         tensors, meta = _flatten_optimizer(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, **state}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        w.write("optimizer.safetensors", lambda p: save_file(tensors, p))
+        w.write("rng.safetensors", lambda p: save_file({"torch": torch.get_rng_state()}, p))
+        w.write_json("state.json", {"step": step, "run": run, "optimizer": meta, **state})
+        fault_point("manifest")
+        write_manifest(tmp, KIND, w.files, {"step": step, "run": run})
+        publish(tmp, final, KIND)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(folder / LATEST, final.name)
-    for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    fault_point("latest")
+    atomic_write_text(folder / LATEST, final.name + "\n")
+    fault_point("prune")
+    mine = [p for s, p, r in list_checkpoints(folder) if r == run]
+    for _, p, _ in list_checkpoints(folder):
+        if p not in mine[-keep:]:
+            remove_folder(p, KIND)
     return final
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    p = Path(folder) / LATEST
-    if not p.exists():
-        return None
-    ckpt = Path(folder) / p.read_text().strip()
-    return ckpt if ckpt.is_dir() else None
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path, str | None]]:
+    """``(step, path, run)`` of the complete checkpoints under ``folder`` (by their manifests, not
+    verified), oldest first."""
+    folder = Path(folder)
+    out = []
+    for p in folder.iterdir() if folder.is_dir() else ():
+        m = _STEP.match(p.name)
+        if not (m and p.is_dir() and kind_of(p) == KIND):
+            continue
+        try:
+            man = read_json(p / MANIFEST)
+        except (OSError, IntegrityError):
+            continue
+        out.append((int(m[1]), p, man.get("run")))
+    return sorted(out, key=lambda t: t[0])
+
+
+def find_checkpoint(folder: str | os.PathLike, run: str | None = None) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under ``folder`` (of run ``run`` if given) whose every file verifies,
+    and why each newer one was skipped. A checkpoint swap a kill interrupted is completed first."""
+    folder = Path(folder)
+    clean_stale(folder)
+    skipped = []
+    cands = [(int(m[1]), p) for p in (folder.iterdir() if folder.is_dir() else ())
+             if (m := _STEP.match(p.name)) and p.is_dir()]
+    for _, p in sorted(cands, reverse=True):
+        try:
+            man = verify(p, KIND, "skipped")
+        except (IntegrityError, FileNotFoundError) as e:
+            skipped.append(str(e))
+            continue
+        if run is not None and man.get("run") != run:
+            continue  # another run's (one started again with --overwrite): not ours to resume
+        return p, skipped
+    return None, skipped
+
+
+def latest_checkpoint(folder: str | os.PathLike, run: str | None = None) -> Path | None:
+    """The newest verified checkpoint under ``folder`` (see :func:`find_checkpoint`), or ``None``."""
+    return find_checkpoint(folder, run)[0]
 
 
 def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG in place; return the saved run state (``step``...)."""
+    """Verify checkpoint ``ckpt``, restore model, optimizer and RNG in place; return the saved run
+    state (``step``, ``history``...)."""
     ckpt = Path(ckpt)
-    missing = [f for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
-               if not (ckpt / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"{ckpt}: incomplete checkpoint, missing {missing}")
-    state = json.loads((ckpt / "state.json").read_text())
+    fix = "resume from an earlier checkpoint (delete this one) or start a new run"
+    verify(ckpt, KIND, fix)
+    state = read_json(ckpt / "state.json", fix)
     load_model(model, str(ckpt / "model.safetensors"), strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), state.pop("optimizer")))
     torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])

@@ -3,6 +3,14 @@
 Everything that decides the next step is saved in a checkpoint: weights, optimizer moments, the
 torch RNG, and the step (data batches and the learning rate are pure functions of the step), so
 ``resume=True`` continues a killed run with the same losses an uninterrupted run would have had.
+
+A run folder (``out_dir``) is moekit's own: ``moekit.json`` records the run's id, its
+:class:`TrainConfig` and the caller's ``settings`` (model config, data fingerprint), with the
+checksum of every file the caller asked to keep with the run (its tokenizer). Starting a run in a
+folder that holds one needs ``overwrite=True``; resuming compares the settings and refuses a
+conflicting one (the few that are well defined to change, such as more steps, are applied and
+reported). A step whose loss or gradient is NaN or inf is skipped, never applied and never
+checkpointed; ``max_nonfinite`` of them in a row stop the run with :class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
@@ -11,17 +19,28 @@ import json
 import math
 import os
 import time
+import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .._checks import check_number
 from ..data.dataset import TokenStream
-from ..io import atomic_write_text
+from ..io import MoekitWarning, atomic_write_text, check_target, dumps, update_manifest, verify, write_folder
 from ..layer import aux_loss
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import all_finite, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
+
+RUN_KIND = "train-run"
+#: TrainConfig fields a resumed run may change: what they mean from the resumed step on is well defined
+RESUMABLE = ("steps", "minutes", "lr", "eval_every", "ckpt_every", "log_every", "eval_chunks", "max_nonfinite")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stayed NaN or inf: the run stopped; the message names the last finite checkpoint."""
 
 
 @dataclass
@@ -42,16 +61,24 @@ class TrainConfig:
     minutes: float | None = None  # wall-clock budget; the run stops cleanly when it is spent
     seed: int = 0
     log_every: int = 10
+    max_nonfinite: int = 3  # steps in a row with a NaN/inf loss or gradient before the run stops
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig: {name} must be an int >= 1, got {v!r}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"TrainConfig: minutes must be > 0, got {self.minutes!r}; omit it for no time limit")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
+        o = "TrainConfig"
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_chunks", "max_nonfinite"):
+            check_number(name, getattr(self, name), lo=1, integer=True, owner=o)
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "seed"):
+            check_number(name, getattr(self, name), lo=0, integer=True, owner=o)
+        check_number("lr", self.lr, lo=0, lo_open=True, owner=o)
+        check_number("min_lr_ratio", self.min_lr_ratio, lo=0, hi=1, owner=o)
+        check_number("weight_decay", self.weight_decay, lo=0, owner=o)
+        check_number("beta1", self.beta1, lo=0, hi=1, owner=o)
+        check_number("beta2", self.beta2, lo=0, hi=1, owner=o)
+        check_number("grad_clip", self.grad_clip, lo=0, owner=o)
+        if self.minutes is not None:
+            if isinstance(self.minutes, bool) or not isinstance(self.minutes, (int, float)) or not self.minutes > 0 \
+                    or not math.isfinite(self.minutes):
+                raise ValueError(f"TrainConfig: minutes must be > 0, got {self.minutes!r}; omit it for no time limit")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
@@ -67,18 +94,45 @@ def _mean_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
     return t / dist.get_world_size(group)
 
 
+def _diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    """``{key: (old, new)}`` for every (nested) key whose value differs."""
+    out = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_diff(a, b, f"{prefix}{k}."))
+        elif json.loads(dumps(a)) != json.loads(dumps(b)):
+            out[prefix + k] = (a, b)
+    return out
+
+
 class Trainer:
     """Train ``model`` (a causal LM with ``.loss(x, y)``) on a token stream.
 
-    ``out_dir`` receives ``metrics.jsonl`` and ``checkpoints/``. ``progress=False`` silences the bar.
+    Args:
+        out_dir: the run folder: ``moekit.json``, ``metrics.jsonl`` and ``checkpoints/`` (``None``:
+            nothing is written).
+        settings: JSON-able description of what else defines the run (model config, data
+            fingerprint...): recorded with the run, and a resume with other settings is refused.
+        files: ``{name: text or bytes}`` kept in the run folder with a checksum (a tokenizer).
+        overwrite: start a new run in an ``out_dir`` that holds one (its checkpoints are removed
+            once the new run has written its first).
+        keep: checkpoints kept (the newest).
+        progress: ``False`` silences the bar.
     """
 
     def __init__(self, model, train: TokenStream, val: TokenStream | None = None, config: TrainConfig | None = None,
-                 out_dir: str | os.PathLike | None = None, progress: bool = True, name: str = "train") -> None:
+                 out_dir: str | os.PathLike | None = None, progress: bool = True, name: str = "train",
+                 settings: dict | None = None, files: dict[str, str | bytes] | None = None, overwrite: bool = False,
+                 keep: int = 2) -> None:
         self.model, self.train_data, self.val_data = model, train, val
         self.config = config or TrainConfig()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress, self.name = progress, name
+        self.settings = json.loads(dumps(settings)) if settings is not None else None
+        self.files, self.overwrite = dict(files or {}), overwrite
+        check_number("keep", keep, lo=1, integer=True, owner="Trainer")
+        self.keep = keep
         train.check_fits(self.config.seq_len, "training data")
         if val is not None:
             val.check_fits(self.config.seq_len, "validation data")
@@ -91,6 +145,9 @@ class Trainer:
         )
         self.step = 0
         self.history: list[dict] = []
+        self.run: str | None = None  # the run's id, once started
+        self.started = False
+        self.nonfinite_streak = 0
         # data + expert parallel (moekit.parallel.expert_parallel): every rank draws its own batches,
         # gradients are synchronised, rank 0 alone writes
         self.ep_group = getattr(model, "moekit_ep_group", False)
@@ -109,24 +166,80 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def _log(self, record: dict) -> None:
+        record = json.loads(dumps(record))  # NaN / inf as null: every line stays JSON
         self.history.append(record)
         if self.out_dir is not None and self.writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # one write() of a whole line with O_APPEND: a kill never leaves half a record behind
             fd = os.open(self.out_dir / "metrics.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
-                os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+                os.write(fd, (dumps(record, indent=None) + "\n").encode("utf-8"))
             finally:
                 os.close(fd)
 
     def save(self) -> Path | None:
+        """Checkpoint the current step (finite weights only; see :func:`save_checkpoint`)."""
         if self.ckpt_dir is None:
             return None
+        if not self.started:
+            self.start()
         return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                               {"config": asdict(self.config), "history": self.history})
+                               {"config": asdict(self.config), "history": self.history}, keep=self.keep, run=self.run)
+
+    def _run_meta(self) -> dict:
+        return {"run": self.run, "config": asdict(self.config), "settings": self.settings}
+
+    def _write_run(self) -> None:
+        with write_folder(self.out_dir, RUN_KIND, "run folder", meta=self._run_meta()) as w:
+            for fname, data in self.files.items():
+                w.write_bytes(fname, data.encode("utf-8") if isinstance(data, str) else data)
+
+    def _share_run_id(self) -> None:
+        if self.parallel:  # every rank tags its checkpoints with rank 0's run id
+            box = [self.run]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.ep_group, 0) if self.ep_group else 0,
+                                       group=self.ep_group)
+            self.run = box[0]
+
+    def start(self, resume: bool = False) -> None:
+        """Prepare the run folder: a new run (``resume=False``) or the newest verified checkpoint of
+        the run in ``out_dir``. :meth:`train` calls it."""
+        self.started = True
+        if self.out_dir is None:
+            if resume:
+                raise ValueError("Trainer: resume=True needs an out_dir")
+            return
+        if resume:
+            self._resume()
+            return
+        if self.writes:
+            if check_target(self.out_dir, RUN_KIND, "run folder") and not self.overwrite:
+                done = list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+                at = f" (checkpoints up to step {done[-1][0]})" if done else ""
+                raise FileExistsError(f"{self.out_dir}: holds a moekit training run{at}; continue it with --resume "
+                                      "(resume=True) or start a new one in its place with --overwrite (overwrite=True)")
+            self.run = uuid.uuid4().hex[:12]
+            self._write_run()
+            atomic_write_text(self.out_dir / "metrics.jsonl", "")
+        self._share_run_id()
 
     def _resume(self) -> None:
-        ckpt = None if self.ckpt_dir is None else latest_checkpoint(self.ckpt_dir)
+        c, fix = self.config, "start a new run (--overwrite) or resume another folder"
+        meta = verify(self.out_dir, RUN_KIND, fix)
+        self.run = meta.get("run")
+        changed = _diff(meta.get("config") or {}, asdict(c))
+        refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
+        if self.settings is not None:
+            refused.update({f"settings.{k}": v for k, v in _diff(meta.get("settings") or {}, self.settings).items()})
+        else:
+            self.settings = meta.get("settings")
+        if refused:
+            detail = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in refused.items())
+            raise ValueError(f"resume: {self.out_dir} was started with other settings ({detail}); resume with the "
+                             "run's own settings, or start a new run (--overwrite)")
+        ckpt, skipped = find_checkpoint(self.ckpt_dir, self.run)
+        for why in skipped:
+            warnings.warn(f"resume: skipped a checkpoint that does not verify: {why}", MoekitWarning, stacklevel=3)
         if self.parallel:  # every rank finds its checkpoint, or all stop (a lone error would hang the others)
             found = torch.tensor(float(ckpt is not None))
             dist.all_reduce(found, op=dist.ReduceOp.MIN, group=self.ep_group)
@@ -136,7 +249,7 @@ class Trainer:
             hint = (" (an expert-parallel run resumes at the world size it was written at; at another size, start "
                     "from its saved model)") if self.parallel else ""
             raise FileNotFoundError(
-                f"resume: no checkpoint under {self.ckpt_dir}{hint}; run without --resume to start a new run"
+                f"resume: no complete checkpoint under {self.ckpt_dir}{hint}; start a new run (--overwrite)"
             )
         state = load_checkpoint(ckpt, self.model, self.optimizer)
         self.step, self.history = state["step"], state["history"]
@@ -144,17 +257,27 @@ class Trainer:
             steps = torch.tensor([self.step, -self.step])
             dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.ep_group)
             if int(steps[0]) != -int(steps[1]):
-                raise ValueError(f"resume: the ranks' latest checkpoints are at different steps ({-int(steps[1])} .. "
-                                 f"{int(steps[0])}); point each rank's LATEST file under {self.ckpt_dir.parent} at the "
-                                 "same step, or start a new run")
+                raise ValueError(f"resume: the ranks' newest checkpoints are at different steps ({-int(steps[1])} .. "
+                                 f"{int(steps[0])}); delete the newer ones under {self.ckpt_dir.parent} so that every "
+                                 "rank has the same newest step, or start a new run")
+        if c.steps < self.step:
+            raise ValueError(f"resume: steps={c.steps} but the run is already at step {self.step}; give more steps")
+        applied = {k: v for k, v in changed.items() if k in RESUMABLE}
+        if applied and self.writes:
+            update_manifest(self.out_dir, RUN_KIND, config=asdict(c))  # the run now continues with these
+            note = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in applied.items())
+            warnings.warn(f"resume: continuing from step {self.step} with {note}"
+                          + (" (the cosine schedule now ends at the new step count)" if "steps" in applied else ""),
+                          MoekitWarning, stacklevel=3)
         # forget what a killed run logged after its last checkpoint
-        lines = "".join(json.dumps(r) + "\n" for r in self.history)
         if self.writes:
-            atomic_write_text(self.out_dir / "metrics.jsonl", lines)
+            atomic_write_text(self.out_dir / "metrics.jsonl", "".join(dumps(r, indent=None) + "\n" for r in self.history))
 
     # ----------------------------------------------------------------------------------- loop
 
     def train_step(self) -> dict:
+        """One step. A NaN or inf loss or gradient norm skips it: the batch is consumed, no update is
+        applied (the record says ``"skipped": true``)."""
         c = self.config
         self.model.train()
         x, y = self.train_data.batch(self.step, c.batch_size, c.seq_len, c.seed + 1009 * self.rank)
@@ -165,32 +288,55 @@ class Trainer:
         aux = aux_loss(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         (lm + aux).backward()
+        clip = c.grad_clip or math.inf  # the norm is computed either way: it is checked below
         if self.parallel:
             from ..parallel import clip_grad_norm, sync_gradients
 
             sync_gradients(self.model, self.ep_group)
-            grad_norm = clip_grad_norm(self.model, c.grad_clip, self.ep_group) if c.grad_clip else None
+            grad_norm = clip_grad_norm(self.model, clip, self.ep_group)
             lm, aux = _mean_over_ranks(lm.detach(), self.ep_group), _mean_over_ranks(aux.detach(), self.ep_group)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip) if c.grad_clip else None
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        rec = {"step": self.step + 1, "loss": float(lm.detach()), "aux": float(aux.detach()), "lr": lr,
+               "grad_norm": grad_norm}
+        bad = [k for k in ("loss", "aux", "grad_norm") if not math.isfinite(rec[k])]
+        if bad:  # identical on every rank: the losses and the norm are global
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.nonfinite_streak += 1
+            return {**rec, "skipped": True, "nonfinite": bad}
         self.optimizer.step()
+        ok = torch.tensor(float(all_finite(self.model.parameters())))
+        if self.parallel:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ep_group)
+        if not ok:
+            raise TrainingDiverged(f"training diverged: the update of step {self.step + 1} made weights NaN or inf "
+                                   f"(learning rate {lr:.3g}); {self._last_checkpoint_text()}")
         self.step += 1
-        return {"step": self.step, "loss": float(lm.detach()), "aux": float(aux.detach()), "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm)}
+        self.nonfinite_streak = 0
+        return rec
+
+    def _last_checkpoint_text(self) -> str:
+        found = list_checkpoints(self.ckpt_dir) if self.ckpt_dir is not None and self.ckpt_dir.is_dir() else []
+        mine = [(s, p) for s, p, r in found if r == self.run]
+        if not mine:
+            return "no checkpoint was written yet: start again with a lower learning rate (--lr)"
+        s, p = mine[-1]
+        return (f"the last finite checkpoint is {p} (step {s}): resume from it with a lower learning rate "
+                "(moekit train --resume --lr ...)")
 
     def evaluate(self, **kw):
         return evaluate(self.model, self.val_data, self.config.seq_len, self.config.batch_size,
                         kw.pop("max_chunks", self.config.eval_chunks), **kw)
 
     def train(self, resume: bool = False) -> list[dict]:
-        """Run until ``config.steps`` or the wall-clock budget; return the metrics history."""
+        """Run until ``config.steps`` or the wall-clock budget; return the metrics history. Raises
+        :class:`TrainingDiverged` after ``max_nonfinite`` skipped steps in a row."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         c = self.config
-        if resume:
-            self._resume()
-        elif self.out_dir is not None and self.writes and (self.out_dir / "metrics.jsonl").exists():
-            (self.out_dir / "metrics.jsonl").unlink()
+        if not self.started:
+            self.start(resume)
         start = time.perf_counter()
         tokens_per_step = c.batch_size * c.seq_len
         window_t, window_steps = time.perf_counter(), 0
@@ -213,17 +359,28 @@ class Trainer:
                         f"TrainConfig: minutes={c.minutes} is too small to train one step (one step took "
                         f"{elapsed:.1f} s); give at least {elapsed / 60 * 2:.2f} minutes or fewer tokens per step"
                     )
-                if self.step % c.log_every == 0 or self.step == c.steps:
+                if rec.get("skipped"):
+                    self._log(rec)
+                    if self.nonfinite_streak >= c.max_nonfinite:
+                        first = self.step - self.nonfinite_streak + 1
+                        self._log({"step": self.step, "stopped": "diverged"})
+                        raise TrainingDiverged(
+                            f"training diverged: steps {first}-{self.step} had a NaN or inf loss or gradient "
+                            f"({self.nonfinite_streak} in a row, the limit max_nonfinite={c.max_nonfinite}); none "
+                            f"was applied; {self._last_checkpoint_text()}")
+                elif self.step % c.log_every == 0 or self.step == c.steps:
                     now = time.perf_counter()
                     rec["tok_s"] = window_steps * tokens_per_step / max(now - window_t, 1e-9)
                     rec["elapsed_s"] = elapsed
                     window_t, window_steps = now, 0
                     self._log(rec)
                     info = f"loss {rec['loss']:.3f}  ppl {math.exp(min(rec['loss'], 50)):.1f}  {rec['tok_s']:,.0f} tok/s"
-                if self.val_data is not None and c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                healthy = not rec.get("skipped")
+                if healthy and self.val_data is not None and c.eval_every and self.step % c.eval_every == 0 \
+                        and self.step < c.steps:
                     ev = self.evaluate()
                     self._log({"step": self.step, "val_loss": ev.loss, "val_ppl": ev.ppl})
-                if self.ckpt_dir is not None and c.ckpt_every and self.step % c.ckpt_every == 0:
+                if healthy and self.ckpt_dir is not None and c.ckpt_every and self.step % c.ckpt_every == 0:
                     self.save()
                 bar.update(task, completed=self.step, info=info)
                 if over:
