@@ -90,3 +90,49 @@ def test_unsupported_hf_block():
 def test_router_used_before_binding():
     with pytest.raises(RuntimeError, match="not bound"):
         TopK(2)(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "bfloat16"), (torch.float16, "float16")])
+def test_input_dtype_differs_from_the_layer(dtype, name):
+    moe = MoE(8, 8, 4)
+    with pytest.raises(TypeError, match=rf"x has dtype torch\.{name} but the layer's weights are torch\.float32; "
+                                        rf"cast the input with x\.to\(torch\.float32\) or the layer with "
+                                        rf"moe\.to\(torch\.{name}\)"):
+        moe(torch.randn(3, 8).to(dtype))
+
+
+def test_input_dtype_matches_float64_layer():
+    torch.manual_seed(0)
+    moe = MoE(8, 8, 4).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    y = moe(x)
+    assert y.dtype == torch.float64
+    x32 = x.float()
+    torch.testing.assert_close(y, moe.float()(x32).double(), rtol=1e-5, atol=1e-6)  # the same layer in fp32
+
+
+def test_input_dtype_check_off_under_autocast():
+    moe = MoE(8, 8, 4)
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            moe(x)
+        except TypeError as e:  # autocast does not cover every op of the experts: only our check must not raise
+            assert "the layer's weights are" not in str(e)
+        except RuntimeError:
+            pass
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_routing_weight_and_switch_off(bad):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    w = torch.full((6,), 0.5)
+    w[[1, 4]] = bad
+    r = Routing.from_topk(torch.tensor([[0, 1], [2, 3], [1, 2]]), w.view(3, 2), 4)
+    with pytest.raises(ValueError, match=r"routing: the weights contain NaN or inf \(2 of 6\).*check_finite=False"):
+        MoE(8, 8, 4)(x, routing=r)
+    moe = MoE(8, 8, 4, check_finite=False)
+    y = moe(x, routing=r)  # the check can be switched off: the non-finite weight reaches the output
+    assert [bool(torch.isfinite(row).all()) for row in y] == [False, True, False]  # tokens 0 and 2 have one
+    r.validate(3, 4)  # off by default on a bare validate

@@ -142,6 +142,71 @@ def test_expert_parallel_two_processes(tmp_path):
     mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
 
 
+def _adamw_idle_rank_case(rank: int) -> None:
+    """Several AdamW steps (weight decay on) in expert-parallel form equal the same steps in one
+    process on the union of the batches, parameter by parameter, although no token of any rank ever
+    reaches rank 1's experts (2 and 3): in one process their slice of the expert tensors still gets a
+    zero gradient and decays, so the idle rank's shards must too."""
+    import moekit
+    from moekit.parallel import is_expert_parallel
+
+    D, E, steps = 8, 4, 4
+    torch.manual_seed(0)
+    ref = MoE(D, 12, E, "topk")
+    with torch.no_grad():  # feature 0 of every input is 5, so experts 2 and 3 score -250 and are never chosen
+        ref.gate.weight[2:] = 0.0
+        ref.gate.weight[2:, 0] = -50.0
+    model = expert_parallel(copy.deepcopy(ref))
+    opt_kw = dict(lr=1e-2, weight_decay=0.1)
+    ep_opt = torch.optim.AdamW(model.parameters(), **opt_kw)
+    ref_opt = torch.optim.AdamW(ref.parameters(), **opt_kw)
+    El = E // WORLD
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        xs = [torch.randn(t, D, generator=gen) for t in (6, 5)]
+        gs = [torch.randn(t, D, generator=gen) for t in (6, 5)]
+        for x in xs:
+            x[:, 0] = 5.0
+            x.requires_grad_(True)  # as inside a model, where the MoE input is on the autograd graph
+        loss = (model(xs[rank]) * gs[rank]).sum() + moekit.aux_loss(model)
+        used = model.last_routing.expert.unique().tolist()
+        assert set(used) <= {0, 1}, used  # rank 1's experts receive no token, from any rank
+        loss.backward()  # on rank 1 the idle shards may have no gradient at all (the grouped_mm backend)
+        sync_gradients(model)
+        ep_opt.step()
+        ep_opt.zero_grad(set_to_none=True)
+        ref_loss = 0
+        for x, g in zip(xs, gs):
+            ref_loss = ref_loss + (ref(x) * g).sum() + moekit.aux_loss(ref)
+        (ref_loss / WORLD).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    ep_params = dict(model.named_parameters())
+    assert set(ep_params) == {n for n, _ in ref.named_parameters()}
+    for n, want in ref.named_parameters():
+        got = ep_params[n]
+        if is_expert_parallel(got):
+            want = want[rank * El:(rank + 1) * El]
+        assert got.shape == want.shape, n
+        assert torch.allclose(got, want, rtol=0, atol=1e-5), (rank, n, (got - want).abs().max())
+    if rank == 1:  # and they did move: weight decay shrank the idle experts
+        torch.manual_seed(0)
+        start = MoE(D, 12, E, "topk")  # the same initial weights as ref
+        assert model.experts.down_proj.abs().sum() < start.experts.down_proj[El:].abs().sum()
+
+
+def _adamw_worker(rank: int, tmp: str) -> None:
+    _init(rank, tmp)
+    try:
+        _adamw_idle_rank_case(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_adamw_with_an_idle_rank_equals_one_process(tmp_path):
+    mp.start_processes(_adamw_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
+
+
 def test_expert_parallel_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         expert_parallel(MoE(8, 16, 4, "topk"))
@@ -173,7 +238,8 @@ def test_torchrun_trains_with_expert_parallelism(tmp_path):
     assert (out / "checkpoints" / "rank0-of-2" / "latest").exists() and (out / "checkpoints" / "rank1-of-2").is_dir()
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=240, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    bad = subprocess.run(cmd[:4] + [cmd[4]] + cmd[5:-1] + ["3"], capture_output=True, text=True, timeout=240, env=env)
+    bad = subprocess.run(cmd[:4] + [cmd[4]] + cmd[5:-1] + ["3", "--overwrite"], capture_output=True, text=True,
+                         timeout=240, env=env)
     assert bad.returncode != 0 and "torchrun started 2 processes" in bad.stderr
 
 

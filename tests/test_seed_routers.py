@@ -260,6 +260,40 @@ def test_dynamic_k_needs_importance_and_works_in_gpt():
     assert k.shape == (20,) and int(k.min()) >= 1 and int(k.max()) <= 3
 
 
+@pytest.mark.parametrize("budget", [None, 2.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_dynamic_k_refuses_non_finite_importance_and_keeps_its_scale(bad, budget):
+    import copy
+
+    torch.manual_seed(0)
+    router = DynamicK(1, 4, budget=budget).bind(8, 6)  # training mode: calls update the running scale
+    router(torch.randn(5, 8), importance=torch.rand(5))  # calibrated
+    scale = router.scale.clone()
+    assert float(scale) > 0
+    twin = copy.deepcopy(router)  # never sees the bad call
+    importance = torch.rand(5)
+    importance[[1, 3]] = bad
+    with pytest.raises(ValueError, match=r"DynamicK: importance has 2 non-finite value\(s\) \(NaN or inf\) among 5; "
+                                         r"pass a finite importance"):
+        router(torch.randn(5, 8), importance=importance)
+    assert torch.equal(router.scale, scale)
+    x, imp = torch.randn(7, 8), torch.rand(7)  # a finite call after works as if the bad one never happened
+    r, want = router(x, importance=imp), twin(x, importance=imp)
+    assert r.k_per_token.tolist() == want.k_per_token.tolist() and int(r.k_per_token.min()) >= 1
+    assert torch.equal(r.expert, want.expert) and torch.equal(r.weight, want.weight)
+    assert torch.equal(router.scale, twin.scale) and bool(torch.isfinite(router.scale))
+
+
+def test_dynamic_k_running_scale_stays_finite():
+    """Finite importance whose scale overflows float32 (3e38 * k_max / budget) leaves the scale as it was."""
+    router = DynamicK(1, 4, budget=2.0).bind(8, 6)
+    r = router(torch.randn(4, 8), importance=torch.full((4,), 3e38))
+    assert float(router.scale) == 0.0  # still uncalibrated, not inf
+    assert r.k_per_token.tolist() == [4, 4, 4, 4]  # K from the batch's own calibration: ceil(4 * 1) = 4
+    router(torch.randn(4, 8), importance=torch.rand(4))
+    assert 0 < float(router.scale) < math.inf
+
+
 def test_dynamic_k_bad_arguments():
     with pytest.raises(ValueError, match="k_max must lie in"):
         DynamicK(3, 2)

@@ -227,8 +227,10 @@ def _grouped_linear(x_ND: Tensor, w_EOI: Tensor, b_EO: Tensor | None, seg: Segme
 
 
 def _grouped_mm_experts(x_ND: Tensor, experts: GroupedExperts, seg: Segments) -> Tensor:
-    if x_ND.shape[0] == 0:  # an empty [0, D] that stays on the autograd graph
-        return x_ND @ experts.down_proj.new_zeros(experts.d_model, experts.d_model)
+    if x_ND.shape[0] == 0:  # an empty [0, D] on the autograd graph of the input and of the weights: idle
+        # experts get a zero gradient, and an expert-parallel backward reaches every rank's all-to-all
+        zero = sum(p.sum() for p in experts.parameters()) * 0
+        return x_ND @ experts.down_proj.new_zeros(experts.d_model, experts.d_model) + zero
     rows_N = seg.expert_of_row() if experts.down_proj_bias is not None else None
     h = _grouped_linear(x_ND, experts.first_proj, experts.first_bias, seg, rows_N)
     return _grouped_linear(experts.act.apply(h), experts.down_proj, experts.down_proj_bias, seg, rows_N)

@@ -53,7 +53,8 @@ class MoE(nn.Module):
         shared_d_ff: hidden width of an always-on shared expert (DeepSeek/Qwen2-MoE); ``None`` for none.
         shared_gate: scale the shared expert by ``sigmoid(x @ w)`` (Qwen2-MoE).
         bias: biases in the experts (and the shared expert).
-        check_finite: raise on NaN/inf input (one cheap reduction); set ``False`` to skip.
+        check_finite: raise on NaN/inf input, and on NaN/inf weights of a precomputed routing
+            (one cheap reduction each); set ``False`` to skip.
         backend: force an expert backend (``"grouped_mm"``, ``"loop"``); ``None`` picks the best able one.
 
     ``moe(x, routing=r)`` uses a precomputed :class:`Routing` (pre-gating, replay) instead of the
@@ -100,11 +101,32 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}"
 
+    def _param_dtype(self) -> torch.dtype | None:
+        """The dtype the expert matmuls need the input in: the experts' weights' (meta ones too), else
+        the shared expert's; ``None`` (no check) for experts without floating weights, such as
+        offloaded ones, which cast their weights to the input. The routers compute in fp32."""
+        w = getattr(self.experts, "down_proj", None)
+        if isinstance(w, Tensor) and w.is_floating_point():
+            return w.dtype
+        for mod in (self.experts, self.shared_expert):
+            if mod is None:
+                continue
+            for t in (*mod.parameters(), *mod.buffers()):
+                if t.is_floating_point():
+                    return t.dtype
+        return None
+
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"MoE: x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"MoE: x must be a floating-point tensor, got dtype={x.dtype}; cast it with x.float()")
+        want = self._param_dtype()
+        if want is not None and x.dtype != want and not _autocast_on(x.device.type):
+            raise TypeError(
+                f"MoE: x has dtype {x.dtype} but the layer's weights are {want}; cast the input with "
+                f"x.to({want}) or the layer with moe.to({x.dtype}) (or run under torch.autocast)"
+            )
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"MoE: the last dim of x must be d_model={self.d_model}, got shape {tuple(x.shape)}"
@@ -121,7 +143,7 @@ class MoE(nn.Module):
         if routing is None:
             routing = self.gate(x_TD, **context)
         else:
-            routing.validate(x_TD.shape[0], self.num_experts)
+            routing.validate(x_TD.shape[0], self.num_experts, check_finite=self.check_finite)
         x_ND, seg, ctx = self.dispatcher.dispatch(x_TD, routing)
         y_TD = self.dispatcher.combine(self.experts(x_ND, seg), ctx)
         if self.shared_expert is not None:
@@ -131,6 +153,16 @@ class MoE(nn.Module):
             y_TD = y_TD + s_TD
         self.last_routing = routing
         return y_TD.reshape(x.shape)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; older torch has only the CUDA/CPU switches."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled()) if device_type == "cuda" else False
 
 
 # ----------------------------------------------------------------------------------- model-level readers

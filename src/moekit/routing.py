@@ -96,8 +96,10 @@ class Routing:
             requested=self.requested,
         )
 
-    def validate(self, num_tokens: int | None = None, num_experts: int | None = None) -> None:
-        """Raise ValueError if the routing is malformed or does not fit the given sizes."""
+    def validate(self, num_tokens: int | None = None, num_experts: int | None = None,
+                 check_finite: bool = False) -> None:
+        """Raise ValueError if the routing is malformed or does not fit the given sizes; with
+        ``check_finite``, also if a weight is NaN or inf (one reduction)."""
         if num_tokens is not None and self.num_tokens != num_tokens:
             raise ValueError(
                 f"routing: num_tokens={self.num_tokens} but the input has {num_tokens} tokens; "
@@ -127,6 +129,12 @@ class Routing:
             if lo < 0 or hi >= self.num_tokens:
                 raise ValueError(
                     f"routing: token ids must lie in [0, {self.num_tokens}), got range [{lo}, {hi}]"
+                )
+            bad = int((~torch.isfinite(self.weight.detach())).sum()) if check_finite else 0
+            if bad:
+                raise ValueError(
+                    f"routing: the weights contain NaN or inf ({bad} of {n}); fix what computed them, "
+                    "or pass check_finite=False (to the MoE layer) to skip this check"
                 )
 
 

@@ -92,7 +92,13 @@ def is_expert_parallel(p: torch.Tensor) -> bool:
 def sync_gradients(model: nn.Module, group=None) -> None:
     """After ``loss.backward()`` on every rank (each on its own batch): the mean gradient of the
     mean loss over ranks. Replicated parameters are all-reduced and divided by the world size;
-    expert shards, whose gradients already sum every rank's tokens, are divided by it."""
+    expert shards, whose gradients already sum every rank's tokens, are divided by it.
+
+    An expert shard that requires grad but has none (no token of any rank reached this rank's
+    experts, so autograd never touched it) gets a zero gradient: in one process the whole ``[E, ...]``
+    expert tensor has a gradient, zero on the idle experts, and an optimizer such as AdamW still
+    applies its weight decay and moment updates to them; a ``None`` would skip them on this rank
+    only. (A replicated parameter no rank computed a gradient for keeps ``None``, as in one process.)"""
     _require_group(group)
     W = dist.get_world_size(group)
     replicated = [p for p in model.parameters() if p.requires_grad and not is_expert_parallel(p)]
@@ -111,8 +117,11 @@ def sync_gradients(model: nn.Module, group=None) -> None:
             p.grad = flat[i: i + n].view_as(g).clone() if h > 0 else None
             i += n
     for p in model.parameters():
-        if is_expert_parallel(p) and p.grad is not None:
-            p.grad /= W
+        if is_expert_parallel(p) and p.requires_grad:
+            if p.grad is None:  # idle local experts: the zeros one process would have
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad /= W
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, group=None) -> float:

@@ -66,15 +66,18 @@ class DynamicK(LinearRouter):
 
     @torch.no_grad()
     def _update_scale(self, importance: Tensor, k: Tensor) -> None:
+        """Update the running scale; a non-finite new value is never stored (the scale is kept)."""
         if self.budget is None:
             target = importance.max().float()
-            self.scale.copy_(target if self.scale == 0 else (1 - self.momentum) * self.scale + self.momentum * target)
+            new = target if self.scale == 0 else (1 - self.momentum) * self.scale + self.momentum * target
         elif self.scale == 0:
             # start where the batch's mean K hits the budget, then follow the running mean K
-            self.scale.copy_(importance.float().mean() * self.k_max / self.budget)
+            new = importance.float().mean() * self.k_max / self.budget
         else:
             ratio = float(k.float().mean()) / self.budget
-            self.scale.mul_(math.exp(self.momentum * math.log(max(ratio, 1e-6))))
+            new = self.scale * math.exp(self.momentum * math.log(max(ratio, 1e-6)))
+        if bool(torch.isfinite(new)):
+            self.scale.copy_(new)
 
     def forward(self, x_TD: Tensor, importance: Tensor | None = None, **context) -> Routing:
         self._require_bound()
@@ -87,6 +90,10 @@ class DynamicK(LinearRouter):
         importance = importance.reshape(-1).detach()
         if importance.numel() != T:
             raise ValueError(f"DynamicK: importance has {importance.numel()} values for {T} tokens")
+        bad = int((~torch.isfinite(importance)).sum()) if T else 0
+        if bad:
+            raise ValueError(f"DynamicK: importance has {bad} non-finite value(s) (NaN or inf) among {T}; pass a "
+                             "finite importance for every token (fix what computed it, e.g. the attention before)")
         k = self.experts_per_token(importance) if T else importance.long()
         if self.training and T:
             self._update_scale(importance, k)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from ..io import (
     MANIFEST,
     FolderWriter,
     IntegrityError,
+    MoekitWarning,
     atomic_write_text,
     check_target,
     clean_stale,
@@ -97,6 +100,11 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
         w.write_json("state.json", {"step": step, "run": run, "optimizer": meta, **state})
         fault_point("manifest")
         write_manifest(tmp, KIND, w.files, {"step": step, "run": run})
+        if final.exists() and kind_of(final) != KIND:  # unreadable manifest: set aside, never deleted
+            aside = final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(final, aside)
+            warnings.warn(f"{final}: a damaged checkpoint of the same step was moved to {aside.name}", MoekitWarning,
+                          stacklevel=2)
         publish(tmp, final, KIND)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
