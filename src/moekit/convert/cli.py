@@ -103,12 +103,11 @@ def _lm_loss(model: nn.Module):
 
 def convert_from_args(args: argparse.Namespace) -> nn.Module:
     from ..data import by_split, load_corpus
-    from ..layer import aux_loss
-    from . import fit_routers, partition, prune, refactor, save, tune, upcycle
-
     from ..io import check_target
+    from ..layer import aux_loss
     from ..models.gpt import MODEL_KIND
     from ..routers import available_routers
+    from . import fit_routers, partition, prune, refactor, save, tune, upcycle
 
     if args.router is not None and args.router not in available_routers():  # before any slow work
         raise ValueError(f"--router {args.router!r}: unknown; valid names are {available_routers()}")
