@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..dispatch import LocalDispatcher, Segments
 from ..experts import get_activation
-from ..io import kind_of, read_json, verify
+from ..io import check_target, kind_of, read_json, verify
 from .cache import ExpertCache, Future, check_direct, slots_for_budget
 from .store import STORE_KIND, ExpertStore, LayerSpec, moe_layers
 
@@ -574,10 +574,10 @@ def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLi
     own = store is None  # path/experts is derived from the checkpoint: rebuilt whenever the checkpoint changes
     folder = Path(store.folder if isinstance(store, ExpertStore) else store or path / "experts")
     want_low = low_bit or kw.get("low_threshold") is not None
-    if not isinstance(store, ExpertStore) and (
-            (own and _stale(folder, stamp, want_low)) or not folder.exists()
-            or (folder.is_dir() and not any(folder.iterdir()))):
-        write_store(GPT.load(path), folder, low_bit=want_low, source=stamp)
+    if not isinstance(store, ExpertStore):
+        exists = check_target(folder, STORE_KIND, "expert store")  # anything else there is refused, untouched
+        if not exists or (own and _stale(folder, stamp, want_low)):
+            write_store(GPT.load(path), folder, low_bit=want_low, source=stamp)
     store = _open(store if isinstance(store, ExpertStore) else folder)
     if store.source and store.source.get("checkpoint") == stamp["checkpoint"] and store.source != stamp:
         raise ValueError(f"{store.folder}: written from an older version of {path / WEIGHTS_FILE}; write it again "

@@ -260,8 +260,8 @@ class ExpertStore:
         self.low_offsets = [d.get("low_offsets") for d in m["layers"]]
         self.low_crc32 = [d.get("low_crc32") for d in m["layers"]]
         self.verify, self.drop_page_cache = verify, drop_page_cache
-        for d, spec in zip(m["layers"], self.layers):
-            path = inside(self.folder, d["file"], str(man))
+        self.files = [inside(self.folder, d["file"], str(man)) for d in m["layers"]]
+        for d, spec, path in zip(m["layers"], self.layers, self.files):
             if not path.exists():
                 self.close()
                 raise FileNotFoundError(f"{path}: missing from the expert store; rewrite it with moekit.offload.write_store")
@@ -370,8 +370,8 @@ class ExpertStore:
     def _pread(self, fd: int, buf, off: int, layer: int, expert: int) -> None:
         got = os.preadv(fd, [buf], off)
         if got != len(buf):
-            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: short read ({got} of {len(buf)} bytes); "
-                             "the store is truncated, rewrite it with moekit.offload.write_store")
+            raise ValueError(f"{self.files[layer]}: layer {layer} expert {expert}: short read ({got} of {len(buf)} "
+                             "bytes); the store is truncated, rewrite it with moekit.offload.write_store")
 
     def _locate(self, layer: int, expert: int, offsets, n: int) -> tuple[int, int]:
         """``(fd, offset)`` of a block of ``n`` bytes (dropped from the page cache first if asked)."""
@@ -388,8 +388,8 @@ class ExpertStore:
         with self._lock:  # prefetch threads read too
             self.bytes_read += n
         if self.verify and crc != crcs[layer][expert]:
-            raise ValueError(f"{self.folder}: layer {layer} expert {expert}: checksum mismatch, the store is corrupt; "
-                             "rewrite it with moekit.offload.write_store")
+            raise ValueError(f"{self.files[layer]}: layer {layer} expert {expert}: checksum mismatch, the store is "
+                             "corrupt; rewrite it with moekit.offload.write_store")
 
     def _read(self, layer: int, expert: int, offsets, crcs, n: int, out_u8: Tensor) -> None:
         fd, off = self._locate(layer, expert, offsets, n)
