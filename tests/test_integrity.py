@@ -127,6 +127,19 @@ def test_a_damaged_tokenizer_is_named_and_a_damaged_cache_entry_retrained(tmp_pa
         load_tokenizer(bad)
 
 
+def test_a_tokenizer_kept_with_a_run_is_checked_wherever_it_is_loaded(tmp_path):
+    from .trainrun import trainer
+
+    t = trainer(tmp_path / "run", steps=1)
+    tok, _ = train_tokenizer(["the cat sat on the mat " * 30], 280, cache_dir=tmp_path / "cache")
+    t.files = {"tokenizer.json": tok.to_str()}
+    t.train()
+    assert load_tokenizer(tmp_path / "run").to_str() == tok.to_str()
+    flip_byte(tmp_path / "run" / "tokenizer.json", 40)
+    with pytest.raises(ValueError, match=r"run/tokenizer.json: checksum mismatch"):
+        load_tokenizer(tmp_path / "run" / "tokenizer.json")
+
+
 def test_a_corrupt_run_manifest_is_named(tmp_path):
     from .trainrun import trainer
 
@@ -134,3 +147,13 @@ def test_a_corrupt_run_manifest_is_named(tmp_path):
     (tmp_path / "run" / "moekit.json").write_text(json.dumps({"format": "moekit"})[:-3])
     with pytest.raises(ValueError, match=r"run/moekit.json: not valid JSON"):
         trainer(tmp_path / "run", steps=2).train(resume=True)
+
+
+def test_a_damaged_model_is_not_served_from_disk(tmp_path):
+    from moekit.offload import load_offloaded
+
+    _gpt(tmp_path / "m")
+    load_offloaded(tmp_path / "m")[1].close()
+    flip_byte(tmp_path / "m" / "model.safetensors", -5)  # a dense tensor: the experts are in the store
+    with pytest.raises(ValueError, match=r"m/model.safetensors: checksum mismatch"):
+        load_offloaded(tmp_path / "m")

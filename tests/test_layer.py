@@ -211,3 +211,17 @@ def test_input_shapes_are_preserved():
     moe = MoE(8, 8, 4)
     for shape in [(8,), (3, 8), (2, 3, 8), (2, 1, 3, 8)]:
         assert moe(torch.randn(*shape)).shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_assignment_at_all_gives_the_experts_zero_gradients(backend):
+    """A layer whose experts get no row (all dropped, or an expert-parallel rank nobody sends to)
+    still gives every expert weight a zero gradient, as a batch with tokens gives its idle experts,
+    so an optimizer treats the step alike (AdamW's decay and moments)."""
+    moe = MoE(8, 8, 4, backend=backend)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = moe(x, routing=Routing(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), 3, 4))
+    assert torch.equal(y, torch.zeros(3, 8))
+    y.sum().backward()
+    for name, p in moe.experts.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name

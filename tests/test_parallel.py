@@ -109,9 +109,13 @@ def _sync_case(rank: int) -> None:
     m.weight.grad = torch.full((2, 3), float(rank + 1))
     m.bias.grad = None
     m.extra.grad = torch.full((4,), 4.0) if rank == 0 else None
+    m.shard = torch.nn.Parameter(torch.ones(2, 3))  # an expert shard no token reached on this rank
+    m.shard.moekit_ep = (rank, WORLD, 2 * WORLD)
+    m.shard.grad = torch.full((2, 3), 6.0) if rank == 0 else None
     sync_gradients(m)
     assert torch.equal(m.weight.grad, torch.full((2, 3), 1.5)) and torch.equal(m.extra.grad, torch.full((4,), 2.0))
     assert m.bias.grad is None and m.unused.grad is None
+    assert torch.equal(m.shard.grad, torch.full((2, 3), 3.0) if rank == 0 else torch.zeros(2, 3))  # zeros, not None
 
 
 def _bad_input_case(rank: int) -> None:

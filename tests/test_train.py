@@ -152,6 +152,7 @@ def test_a_nonfinite_step_is_skipped_and_never_applied(tmp_path):
     skipped = [r for r in lines if r.get("skipped")]
     assert len(skipped) == 1 and skipped[0]["step"] == 2 and skipped[0]["loss"] is None
     assert skipped[0]["nonfinite"] == ["loss", "grad_norm"] and skipped[0]["grad_norm"] is None
+    assert [r for r in t.history if r.get("skipped")] == skipped  # in memory as on disk (what a resume reads back)
 
 
 def test_divergence_stops_the_run_and_names_the_last_finite_checkpoint(tmp_path):
