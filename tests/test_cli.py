@@ -49,7 +49,7 @@ def test_bench_mole_quick_writes_json(tmp_path):
     assert main(["bench", "mole", "--quick", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     by = {r["config"]: r for r in report["results"]}
-    assert set(by) == {"dense", "moe-ram", "moe-disk", "mole-disk"}
+    assert set(by) == {"dense", "moe-ram", "moe-disk", "mole-disk", "mole-disk-unchecked"}
     # MoLE reads exactly layers x experts x d_model x 2 bytes (fp16) for each new token
     assert by["mole-disk"]["bytes_read_per_token"] == report["expected_mole_bytes_per_token"]
     assert by["moe-disk"]["bytes_read_per_token"] > 100 * by["mole-disk"]["bytes_read_per_token"]

@@ -3,7 +3,8 @@
 Four demo-sized models of equal inference FLOPs (same attention, same dense/shared FFN width):
 (a) dense; (b) top-2 MoE with every expert in RAM; (c) the same MoE with its experts on disk,
 each expert a contiguous block read when a token needs it; (d) MoLE with its lookup table on
-disk. For (c) and (d) every read is a real read: before each ``pread`` the byte range is dropped
+disk, each record checked against its CRC-32 as it is read (and (d'), the same with the check off, to
+measure its cost). For (c) and (d) every read is a real read: before each ``pread`` the byte range is dropped
 from the OS page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (clean pages are evicted, so
 the read goes to the device). Each model runs in its own spawned process so that its peak RSS is
 its own, and loads only what it keeps in memory: the MoE on disk and MoLE never materialise their
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -32,7 +35,9 @@ from ..models import GPT, GPTConfig
 from ..models.gpt import WEIGHTS_FILE, Rotary, read_config
 from .timing import interleaved_medians, peak_rss_mb, rss_mb
 
-CONFIGS = ("dense", "moe-ram", "moe-disk", "mole-disk")
+#: ``mole-disk`` checks every record it reads against its CRC-32 (moekit's default);
+#: ``mole-disk-unchecked`` is the same model with the check off, to measure what the check costs
+CONFIGS = ("dense", "moe-ram", "moe-disk", "mole-disk", "mole-disk-unchecked")
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:
@@ -102,6 +107,9 @@ def _prepare(folder: Path, vocab: int) -> None:
     mole = GPT(replace(base, ffn=[{"kind": "mole", "num_experts": 4, "d_ff": 512}] * base.n_layers)).eval()
     mole.save(folder / "mole")
     reparameterize(mole, folder / "mole_table", dtype=torch.float16, progress=False)
+    # the unchecked configuration reads its own copy: a record just read by the other one may sit in a
+    # cache below the OS page cache (the disk's, or a virtual machine host's) and would come back faster
+    shutil.copytree(folder / "mole_table", folder / "mole_table_copy")
 
 
 def _load_moe_on_disk(folder: Path) -> GPT:
@@ -136,9 +144,10 @@ def _load(name: str, folder: Path) -> tuple[nn.Module, callable]:
         model = _load_moe_on_disk(folder).eval()
         disks = [b.ffn.experts for b in model.blocks]
         return model, (lambda: sum(d.bytes_read for d in disks))
-    model = load_served(folder / "mole", folder / "mole_table")
+    model = load_served(folder / "mole", folder / ("mole_table_copy" if name == "mole-disk-unchecked" else "mole_table"))
     table = model.blocks[0].ffn.table
     table.drop_page_cache = True
+    table.verify = name != "mole-disk-unchecked"
     return model, (lambda: table.bytes_read)
 
 
@@ -179,8 +188,8 @@ def _measure_memory(name: str, folder: str, vocab: int, new_tokens: int) -> dict
 
 def _measure_speed(folder: str, vocab: int, new_tokens: int, repeats: int) -> dict[str, dict]:
     """Decode latency and prefill throughput of every configuration, timed round-robin in one
-    process: each decode position and each prefill repeat runs every model once, in turn, so slow
-    phases of a shared machine hit all of them alike."""
+    process: each decode position and each prefill repeat runs every model once, in turn (in a
+    shuffled order, new at every position), so slow phases of a shared machine hit all of them alike."""
     folder = Path(folder)
     with torch.no_grad():
         models = {name: _load(name, folder)[0] for name in CONFIGS}
@@ -190,9 +199,12 @@ def _measure_speed(folder: str, vocab: int, new_tokens: int, repeats: int) -> di
         lat: dict[str, list[float]] = {n: [] for n in models}
         for r in range(repeats + 1):
             seq = torch.randperm(vocab - 1, generator=g)[: 16 + new_tokens].view(1, -1) + 1
-            steps = {n: _decoder(m, seq) for n, m in models.items()}
-            for _ in range(new_tokens):
-                for n, step in steps.items():
+            steps = list({n: _decoder(m, seq) for n, m in models.items()}.items())
+            for i in range(new_tokens):
+                # a new order at every position (seeded): no model always follows the same one (the one after
+                # the MoE on disk, which streams megabytes through the CPU caches, starts cold)
+                random.Random(r * 1_000_003 + i).shuffle(steps)
+                for n, step in steps:
                     t0 = time.perf_counter()
                     step()
                     if r:  # the first sequence warms up
@@ -243,6 +255,7 @@ def run_mole_bench(out: str | os.PathLike | None = None, quick: bool = False, co
     ratios = {
         "mole_decode_vs_dense": ms["mole-disk"] / ms["dense"],
         "moe_disk_decode_vs_mole": ms["moe-disk"] / ms["mole-disk"],
+        "mole_checked_vs_unchecked": ms["mole-disk"] / ms["mole-disk-unchecked"],
         # MoLE runs the dense model's computation plus its lookups, so no MoLE can beat the MoE on disk
         # by more than the MoE on disk is slower than dense: the ceiling of the ratio above
         "moe_disk_decode_vs_dense": ms["moe-disk"] / ms["dense"],
