@@ -237,3 +237,20 @@ def test_resign_helper_is_independent(tmp_path):
         verify(folder, "thing", "")
     resign(folder)
     verify(folder, "thing", "")
+
+
+def test_an_interrupted_rewrite_in_place_refuses_to_load(tmp_path):
+    """A folder saved again over itself (a model) is rewritten file by file, its manifest last: a
+    failure in between leaves a folder that names the file that no longer matches, never a mix that loads."""
+    folder = _write(tmp_path / "f", {"a.txt": "old a", "b.txt": "old b"})
+
+    def fail(s):
+        if s == "file:b.txt":
+            raise OSError("killed")
+
+    with fault_hook(fail), pytest.raises(OSError):
+        _write(folder, {"a.txt": "new a", "b.txt": "new b"})
+    with pytest.raises(IntegrityError, match=r"a.txt: checksum mismatch"):
+        verify(folder, "thing", "")
+    _write(folder, {"a.txt": "new a", "b.txt": "new b"})  # saving again repairs it
+    verify(folder, "thing", "")
