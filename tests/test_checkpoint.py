@@ -3,8 +3,10 @@ corrupt checkpoints are skipped with a warning, never loaded; pruning never remo
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -94,8 +96,13 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, damage, un
     else:
         truncate(newest / "model.safetensors")
     t = trainer(tmp_path / "run")  # steps 5 and 6 again, from step 4
-    with pytest.warns(MoekitWarning, match=r"skipped a checkpoint that does not verify: .*step-0000006"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         t.train(resume=True)
+    said = [str(w.message) for w in seen if w.category is MoekitWarning]
+    assert len(said) == 1 + (damage == "manifest"), said
+    assert re.search(r"skipped a checkpoint that does not verify: .*step-0000006", said[0]), said
+    assert damage != "manifest" or "a damaged checkpoint of the same step was moved to step-0000006.damaged-" in said[1]
     assert t.history[-1]["step"] == 6 and sum("loss" in r and r["step"] == 5 for r in t.history) == 1
     _assert_exact(t, uninterrupted)
     if damage == "manifest":  # no readable manifest: not provably moekit's files, so set aside, not deleted
