@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from moekit import MoE, Routing
 from moekit.models import GPT, GPTConfig
-from moekit.parallel import expert_parallel, full_state_dict, sync_gradients
+from moekit.parallel import exit_now, expert_parallel, full_state_dict, sync_gradients
 
 from .reference import reference_moe
 
@@ -140,6 +140,7 @@ def _worker(rank: int, tmp: str) -> None:
         _bad_input_case(rank)
     finally:
         dist.destroy_process_group()
+    exit_now()
 
 
 def test_expert_parallel_two_processes(tmp_path):
@@ -205,6 +206,7 @@ def _adamw_worker(rank: int, tmp: str) -> None:
         _adamw_idle_rank_case(rank)
     finally:
         dist.destroy_process_group()
+    exit_now()
 
 
 def test_expert_parallel_adamw_with_an_idle_rank_equals_one_process(tmp_path):
@@ -241,7 +243,8 @@ def test_torchrun_trains_with_expert_parallelism(tmp_path):
     assert any("val_ppl" in line for line in lines) and len({line for line in lines}) == len(lines)  # rank 0 only
     assert (out / "checkpoints" / "rank0-of-2" / "latest").exists() and (out / "checkpoints" / "rank1-of-2").is_dir()
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=240, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = "\n".join(line for line in resumed.stderr.splitlines() if line.startswith("moekit"))
+    assert resumed.returncode == 0, said + "\n" + resumed.stderr[-3000:]
     bad = subprocess.run(cmd[:4] + [cmd[4]] + cmd[5:-1] + ["3", "--overwrite"], capture_output=True, text=True,
                          timeout=240, env=env)
     assert bad.returncode != 0 and "torchrun started 2 processes" in bad.stderr

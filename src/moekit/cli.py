@@ -348,13 +348,25 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train.trainer import TrainingDiverged
-
     p = build_parser()
     _add_debug(p)
     args = p.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("MOEKIT_DEBUG", "") not in ("", "0")
     name = " ".join(["moekit", args.command, *([args.bench] if getattr(args, "bench", None) else [])])
+    code = _run(args, name, debug)
+    if getattr(args, "expert_parallel", None):  # a torchrun worker: end without the interpreter's teardown
+        import torch.distributed as dist
+
+        from .parallel import exit_now
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        exit_now(code)
+    return code
+
+
+def _run(args: argparse.Namespace, name: str, debug: bool) -> int:
+    from .train.trainer import TrainingDiverged
 
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{name}: warning: {message}", file=sys.stderr)

@@ -23,7 +23,7 @@ import torch
 
 from .bench.timing import keep_freed_memory
 from .data import TokenStream, by_split, load_corpus, train_tokenizer
-from .io import atomic_write_text, claim_folder, read_json, record_files, verify
+from .io import atomic_write_text, claim_folder, read_json, record_files, verify, verify_file
 from .models import GPT, GPTConfig
 from .report import markdown_table, plot_expert_load, plot_loss_curves, plot_tradeoffs
 from .train import TrainConfig, Trainer, evaluate
@@ -186,7 +186,8 @@ def _section(title: str, command: str, candidates: list[Path], module: str, png:
     res = next((c for c in candidates if c.exists()), None)
     if res is None:
         return []
-    result = json.loads(res.read_text())
+    verify_file(res, f"run `{command}` again")  # checked when an experiment folder of moekit's holds it
+    result = read_json(res)
     render = importlib.import_module(f".{module}", __package__).report_markdown
     lines = [f"### {title}", "", f"`{command}` ({result['wall_s']:.0f} s; results from {res}).", "", render(result), ""]
     if (res.parent / png).exists():

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..parallel import exit_now
+
 __all__ = ["run_parallel_bench"]
 
 
@@ -81,6 +83,7 @@ def _worker(rank: int, world: int, rendezvous: str, quick: bool, steps: int, war
             Path(out).write_text(json.dumps(found))
     finally:
         dist.destroy_process_group()
+    exit_now()  # done: skip the interpreter's teardown, where gloo's threads can abort the process
 
 
 def run_parallel_bench(out: str | os.PathLike | None = "runs/bench/parallel.json", world: int = 2, steps: int = 10,

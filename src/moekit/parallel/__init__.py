@@ -21,7 +21,7 @@ from torch import nn
 from ..experts import GroupedExperts
 from .dispatch import AllToAllDispatcher, all_to_all
 
-__all__ = ["AllToAllDispatcher", "all_to_all", "clip_grad_norm", "expert_parallel", "full_state_dict",
+__all__ = ["AllToAllDispatcher", "all_to_all", "clip_grad_norm", "exit_now", "expert_parallel", "full_state_dict",
            "is_expert_parallel", "sync_gradients"]
 
 _SHARDS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
@@ -83,6 +83,18 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
         moe.dispatcher = AllToAllDispatcher(E, group)
     model.moekit_ep_group = group
     return model
+
+
+def exit_now(code: int = 0) -> None:
+    """End a worker process that has destroyed its process group, skipping the interpreter's
+    teardown: there, gloo's background threads can still be joinable and the C++ runtime aborts
+    the process ("terminate called without an active exception", SIGABRT) although its work is done."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_expert_parallel(p: torch.Tensor) -> bool:

@@ -207,7 +207,6 @@ def train_from_args(args: argparse.Namespace) -> GPT:
         if rank == 0:
             model.save(out / "model")
         dist.barrier()
-        dist.destroy_process_group()
     else:
         model.save(out / "model")
     last = [r for r in trainer.history if "val_ppl" in r]
