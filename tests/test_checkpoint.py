@@ -52,7 +52,7 @@ def test_a_kill_at_any_stage_of_a_checkpoint_write_resumes_exactly(tmp_path, sta
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "tests.trainrun", str(out), stage, str(STAGES[stage]),
                         *([] if exchange else ["no-exchange"])], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                       env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}, timeout=300)
     assert r.returncode == 9, r.stderr[-2000:]  # killed where asked
     t = trainer(out)
     t.train(resume=True)
@@ -100,13 +100,12 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, damage, un
         warnings.simplefilter("always")
         t.train(resume=True)
     said = [str(w.message) for w in seen if w.category is MoekitWarning]
-    assert len(said) == 1 + (damage == "manifest"), said
-    assert re.search(r"skipped a checkpoint that does not verify: .*step-0000006", said[0]), said
-    assert damage != "manifest" or "a damaged checkpoint of the same step was moved to step-0000006.damaged-" in said[1]
+    assert len(said) == 1, said
+    assert re.search(r"skipped a checkpoint that does not verify \(.*step-0000006.*\); moved it to "
+                     r"step-0000006.damaged-", said[0]), said
     assert t.history[-1]["step"] == 6 and sum("loss" in r and r["step"] == 5 for r in t.history) == 1
     _assert_exact(t, uninterrupted)
-    if damage == "manifest":  # no readable manifest: not provably moekit's files, so set aside, not deleted
-        assert len(list(t.ckpt_dir.glob("step-0000006.damaged-*"))) == 1
+    assert len(list(t.ckpt_dir.glob("step-0000006.damaged-*"))) == 1  # set aside, never deleted
 
 
 def test_latest_is_only_a_hint(tmp_path, uninterrupted):
@@ -115,7 +114,7 @@ def test_latest_is_only_a_hint(tmp_path, uninterrupted):
     flip_byte(t.ckpt_dir / "step-0000006" / "optimizer.safetensors")
     (t.ckpt_dir / "latest").write_text("../../../../etc")  # points outside: never followed
     t = trainer(tmp_path / "run")
-    with pytest.warns(MoekitWarning, match="step-0000006"):
+    with pytest.warns(MoekitWarning, match="step-0000006.*moved it to step-0000006.damaged-"):
         t.train(resume=True)
     _assert_exact(t, uninterrupted)
 

@@ -87,7 +87,7 @@ def test_reports_never_replace_a_users_file(tmp_path, capsys):
     mine = tmp_path / "results.json"
     mine.write_text('{"my": "results"}')
     line = _error(["bench", "layer", "--quick", "--out", str(mine)], capsys)
-    assert "exists and is not a moekit report; choose another path" in line
+    assert "exists and is not a moekit layer report; choose another path" in line
     assert mine.read_text() == '{"my": "results"}'
 
 
@@ -152,7 +152,7 @@ def test_train_into_an_existing_run_needs_resume_or_overwrite(tmp_path, corpus, 
         in line
     assert _snapshot(run) == before
     assert main(_train(corpus, run, "--overwrite", "--steps", "2")) == 0
-    assert "step-0000004" not in _snapshot(run)  # the old run's checkpoints, once the new run had its own
+    assert "checkpoints/step-0000004" not in _snapshot(run)  # the previous run's files are gone
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "draft.txt").write_text("my text")

@@ -201,14 +201,19 @@ def test_a_kill_between_the_two_renames_is_repaired_on_the_next_write(tmp_path):
 
 def test_clean_stale_removes_only_dead_writers_temporaries(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
-    (tmp_path / f".x.moekit-tmp-{pid}-abc").mkdir()
-    (tmp_path / f".x.moekit-tmp-{os.getpid()}-abc").mkdir()  # a writer alive (this process)
+    pid, host = int(dead.stdout), mio._host()
+    (tmp_path / f".x.moekit-tmp-{host}-{pid}-abc").mkdir()
+    (tmp_path / f".y.moekit-tmp-{host}-{pid}-abc").write_text("a half-written file")
+    (tmp_path / f".x.moekit-tmp-{host}-{os.getpid()}-abc").mkdir()  # a writer alive (this process)
+    (tmp_path / f".x.moekit-tmp-0badc0de-{pid}-abc").mkdir()  # another machine's (a shared file system)
     (tmp_path / ".x.tmp-123-abc").mkdir()  # not moekit's naming
-    (tmp_path / f".y.moekit-tmp-{pid}-abc").write_text("a file, not a folder")
-    assert [p.name for p in clean_stale(tmp_path)] == [f".x.moekit-tmp-{pid}-abc"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / f".z.moekit-tmp-{host}-{pid}-abc").symlink_to(tmp_path / "mine")  # a link: never followed
+    assert [p.name for p in clean_stale(tmp_path)] == [f".x.moekit-tmp-{host}-{pid}-abc",
+                                                        f".y.moekit-tmp-{host}-{pid}-abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f".x.moekit-tmp-{os.getpid()}-abc", ".x.tmp-123-abc", f".y.moekit-tmp-{pid}-abc"])
+        [f".x.moekit-tmp-{host}-{os.getpid()}-abc", f".x.moekit-tmp-0badc0de-{pid}-abc", ".x.tmp-123-abc", "mine",
+         f".z.moekit-tmp-{host}-{pid}-abc"])
 
 
 def test_remove_folder_removes_only_listed_files(tmp_path):
@@ -222,12 +227,27 @@ def test_strict_json_and_reports(tmp_path):
     assert json.loads(dumps({"loss": float("nan"), "x": [float("inf"), 1.5]})) == {"loss": None, "x": [None, 1.5]}
     with pytest.raises(ValueError):
         json.dumps(float("nan"), allow_nan=False)  # what dumps avoids
-    (tmp_path / "notes.json").write_text('{"mine": 1}')
-    with pytest.raises(FileExistsError, match="exists and is not a moekit report"):
-        check_report_target(tmp_path / "notes.json", "--out")
+    for text in ('{"mine": 1}', '"notes on my benchmark runs"', '["benchmark"]', '{"benchmark": "mine"}', "{"):
+        (tmp_path / "notes.json").write_text(text)
+        with pytest.raises(FileExistsError, match="exists and is not a moekit layer report"):
+            check_report_target(tmp_path / "notes.json", "--out", "layer")
+    with pytest.raises(FileExistsError, match="give a file path ending in .json"):
+        check_report_target(tmp_path / "figure.png", "--out", "layer")
     (tmp_path / "bench.json").write_text('{"benchmark": "layer"}')
-    check_report_target(tmp_path / "bench.json", "--out")
-    check_report_target(tmp_path / "new.json", "--out")
+    check_report_target(tmp_path / "bench.json", "--out", "layer")
+    check_report_target(tmp_path / "new.json", "--out", "layer")
+
+
+def test_a_symlinked_folder_is_written_where_it_points_and_outputs_keep_usual_permissions(tmp_path):
+    real = _write(tmp_path / "real", whole=True)
+    (tmp_path / "link").symlink_to(real)
+    _write(tmp_path / "link", {"a.txt": "through the link"}, whole=True)
+    assert (tmp_path / "link").is_symlink() and (real / "a.txt").read_text() == "through the link"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (real.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert ((real / "a.txt").stat().st_mode & 0o777) == 0o666 & ~umask
 
 
 def test_resign_helper_is_independent(tmp_path):

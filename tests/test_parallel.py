@@ -213,6 +213,66 @@ def test_expert_parallel_adamw_with_an_idle_rank_equals_one_process(tmp_path):
     mp.start_processes(_adamw_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
 
 
+def _ep_trainer(out):
+    from moekit.train import TrainConfig, Trainer
+
+    from .trainrun import VOCAB, stream
+
+    torch.manual_seed(0)
+    model = expert_parallel(GPT(GPTConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, max_seq_len=16,
+                                          d_ff=32).with_moe(4, 2)))
+    cfg = TrainConfig(steps=6, batch_size=2, seq_len=16, warmup_steps=1, log_every=1, ckpt_every=2)
+    return Trainer(model, stream(), None, cfg, out_dir=out, progress=False)
+
+
+def _ep_resume_worker(rank: int, tmp: str) -> None:
+    """A kill while the ranks write their checkpoints of one step leaves one rank a step ahead:
+    resume takes the newest step every rank has, and the run ends as an uninterrupted one."""
+    _init(rank, tmp)
+    try:
+        full = _ep_trainer(os.path.join(tmp, "full"))
+        full.train()
+        want = full_state_dict(full.model)
+        run = os.path.join(tmp, "run")
+        _ep_trainer(run).train()
+        dist.barrier()
+        if rank == 1:  # rank 1 never got to publish step 6; rank 0 did
+            import shutil
+
+            shutil.rmtree(os.path.join(run, "checkpoints", "rank1-of-2", "step-0000006"))
+        dist.barrier()
+        t = _ep_trainer(run)
+        t.start(resume=True)
+        assert t.step == 4  # the newest step both ranks have (rank 0 kept step 4 until every rank had step 6)
+        t.train()
+        got = full_state_dict(t.model)
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+        # keeping one checkpoint: rank 0 removes its step 4 only once rank 1 has published step 6 too
+        one = _ep_trainer(os.path.join(tmp, "one"))
+        one.keep = 1
+        seen = []
+
+        def slow_publish(stage):
+            if stage == "publish" and one.step == 6 and rank == 1:
+                import time
+
+                time.sleep(1.0)  # rank 0 is done with step 6 by now
+                seen.append(os.path.isdir(os.path.join(tmp, "one", "checkpoints", "rank0-of-2", "step-0000004")))
+
+        from moekit.io import fault_hook
+
+        with fault_hook(slow_publish):
+            one.train()
+        assert rank == 0 or seen[0] is True  # (the periodic save of step 6; the final one saves it again)
+    finally:
+        dist.destroy_process_group()
+    exit_now()
+
+
+def test_expert_parallel_resume_takes_the_newest_step_every_rank_has(tmp_path):
+    mp.start_processes(_ep_resume_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
+
+
 def test_expert_parallel_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         expert_parallel(MoE(8, 16, 4, "topk"))

@@ -226,16 +226,36 @@ def test_a_run_folder_is_overwritten_only_when_asked(tmp_path):
 
     first = trainer(tmp_path / "run", steps=4)
     first.train()
+    first.model.save(tmp_path / "run" / "model")
+    (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"holds a moekit training run \(checkpoints up to step 4\); continue it "
                                               r"with --resume .* or start a new one in its place with --overwrite"):
         trainer(tmp_path / "run", steps=4).train()
     assert [s for s, _, _ in list_checkpoints(first.ckpt_dir)] == [2, 4]
     second = trainer(tmp_path / "run", steps=2, ckpt_every=0)
     second.overwrite = True
+    second.start()  # the previous run's own files are gone before the new run writes anything
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "moekit.json", "notes.txt"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
     second.train()
-    found = list_checkpoints(first.ckpt_dir)
-    assert [(s, r) for s, _, r in found] == [(2, second.run)]  # the old run's went once the new one had its own
+    assert [(s, r) for s, _, r in list_checkpoints(first.ckpt_dir)] == [(2, second.run)]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "data.csv").write_text("1,2")
     with pytest.raises(FileExistsError, match="not written by moekit"):
         trainer(tmp_path / "elsewhere").train()
+
+
+def test_overwriting_an_expert_parallel_run_removes_every_rank_s_checkpoints(tmp_path):
+    from .trainrun import trainer
+
+    trainer(tmp_path / "run", steps=2).train()
+    ckpts = tmp_path / "run" / "checkpoints"  # the layout of an expert-parallel run: one folder per rank
+    (tmp_path / "rank0-of-2").mkdir()
+    ckpts.rename(tmp_path / "rank0-of-2" / "x")
+    ckpts.mkdir()
+    (tmp_path / "rank0-of-2" / "x").rename(ckpts / "rank0-of-2")
+    t = trainer(tmp_path / "run", steps=2)
+    t.overwrite = True
+    t.train()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "moekit.json", "step-0000002"]

@@ -24,7 +24,7 @@ def _cmd_bench_layer(args: argparse.Namespace) -> int:
     from .bench.layer import run_layer_bench
     from .io import check_report_target
 
-    check_report_target(args.out, "--out")
+    check_report_target(args.out, "--out", "layer")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,7 +37,7 @@ def _cmd_bench_mole(args: argparse.Namespace) -> int:
     from .bench.mole import run_mole_bench
     from .io import check_report_target
 
-    check_report_target(args.out, "--out")
+    check_report_target(args.out, "--out", "mole")
 
     run_mole_bench(out=args.out, quick=args.quick)
     return 0
@@ -47,7 +47,10 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     from .bench.offload import run_offload_bench
     from .io import check_report_target
 
-    check_report_target(args.out, "--out")
+    check_report_target(args.out, "--out", "offload")
+    png = Path(args.out).with_suffix(".png")  # the figure beside it: only where moekit's report already stands
+    if png.exists() and not Path(args.out).exists():
+        raise FileExistsError(f"--out {args.out}: {png} exists and is not moekit's; choose another path")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such folder; give a saved moekit GPT with MoE layers, or "
                                 "leave --model out to use (or train) the demo's")
@@ -111,7 +114,7 @@ def _cmd_bench_parallel(args: argparse.Namespace) -> int:
     from .bench.parallel import run_parallel_bench
     from .io import check_report_target
 
-    check_report_target(args.out, "--out")
+    check_report_target(args.out, "--out", "parallel")
 
     run_parallel_bench(out=args.out, world=args.world, steps=args.steps, quick=args.quick)
     return 0
@@ -340,7 +343,7 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
 
 
 #: errors that are the user's to fix (their message names the argument or file and the fix)
-USER_ERRORS = (ValueError, TypeError, OSError, LookupError)
+USER_ERRORS = (ValueError, OSError)
 
 
 def _one_line(e: BaseException) -> str:

@@ -9,7 +9,6 @@ and per topic; prefill and decode tokens/s; resident parameter bytes; expert loa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -23,7 +22,7 @@ import torch
 
 from .bench.timing import keep_freed_memory
 from .data import TokenStream, by_split, load_corpus, train_tokenizer
-from .io import atomic_write_text, claim_folder, read_json, record_files, verify, verify_file
+from .io import atomic_write, atomic_write_text, claim_folder, dumps, read_json, record_files, verify, verify_file
 from .models import GPT, GPTConfig
 from .report import markdown_table, plot_expert_load, plot_loss_curves, plot_tradeoffs
 from .train import TrainConfig, Trainer, evaluate
@@ -191,8 +190,7 @@ def _section(title: str, command: str, candidates: list[Path], module: str, png:
     render = importlib.import_module(f".{module}", __package__).report_markdown
     lines = [f"### {title}", "", f"`{command}` ({result['wall_s']:.0f} s; results from {res}).", "", render(result), ""]
     if (res.parent / png).exists():
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(res.parent / png, out / sub / png)
+        atomic_write(out / sub / png, lambda tmp: shutil.copyfile(res.parent / png, tmp))
         lines += [f"![{title}]({sub}/{png})", ""]
     return lines
 
@@ -329,10 +327,11 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, minutes:
         "figures": {k: str(v.name) for k, v in figures.items() if v is not None},
         "wall_s": time.perf_counter() - t_start,
     }
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "results.json", dumps(summary, indent=2))
     atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out),
                                                        bench_sections(out)))
-    record_files(out, DEMO_KIND, ["results.json", "report.md", *(v.name for v in figures.values() if v is not None)])
+    record_files(out, DEMO_KIND, ["results.json", "report.md", *(v.name for v in figures.values() if v is not None),
+                                  *_copied_figures(out)])
     console.print(f"report: {out / 'report.md'} ({summary['wall_s']:.0f} s)")
     return summary
 
@@ -349,8 +348,13 @@ def rerender_report(out: str | os.PathLike = "runs/demo",
     summary = read_json(res)
     path = atomic_write_text(out / "report.md", render_report(summary, experiment_sections(experiments_dir, out),
                                                               bench_sections(out)))
-    record_files(out, DEMO_KIND, ["report.md"])
+    record_files(out, DEMO_KIND, ["report.md", *_copied_figures(out)])
     return path
+
+
+def _copied_figures(out: Path) -> list[str]:
+    """The experiments' and benchmarks' figures copied beside the report."""
+    return sorted(str(p.relative_to(out)) for sub in ("experiments", "bench") for p in (out / sub).glob("*.png"))
 
 
 def results_table(results: list[dict]) -> str:

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,12 +91,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _host() -> str:
+    """A short tag of this machine, so that temporaries are only ever tidied by a process of the same host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _tmp_prefix(name: str, tag: str = "tmp") -> str:
+    """``.NAME.moekit-TAG-HOST-PID-``: the name of a temporary moekit writes beside ``NAME``."""
+    return f".{name}.moekit-{tag}-{_host()}-{os.getpid()}-"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` to ``path``."""
+    """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` to ``path`` (created with the
+    usual permissions, as ``open`` would)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -202,17 +221,22 @@ def read_manifest(folder: str | os.PathLike, kind: str | tuple[str, ...], fix: s
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; check the path")
     p = folder / MANIFEST
+    tail = f"; {fix}" if fix else ""
     if not p.exists():
         raise IntegrityError(f"{folder}: no {MANIFEST}, so not a complete moekit {kinds[0]} (an interrupted write, "
-                             f"or not written by moekit); {fix}")
+                             f"or not written by moekit){tail}")
     m = read_json(p, fix)
-    if m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
-        raise IntegrityError(f"{p}: not a moekit manifest; {fix}")
-    if m.get("version") != VERSION:
-        raise IntegrityError(f"{p}: manifest version {m.get('version')!r}, this moekit reads {VERSION}; {fix}")
+    _check_manifest(p, m, tail)
     if m.get("kind") not in kinds:
-        raise IntegrityError(f"{folder}: a moekit {m.get('kind')}, not a {' or '.join(kinds)}; {fix}")
+        raise IntegrityError(f"{folder}: a moekit {m.get('kind')}, not a {' or '.join(kinds)}{tail}")
     return m
+
+
+def _check_manifest(p: Path, m: dict, tail: str) -> None:
+    if m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
+        raise IntegrityError(f"{p}: not a moekit manifest{tail}")
+    if m.get("version") != VERSION:
+        raise IntegrityError(f"{p}: manifest version {m.get('version')!r}, this moekit reads {VERSION}{tail}")
 
 
 def verify(folder: str | os.PathLike, kind: str | tuple[str, ...], fix: str, only: list[str] | None = None) -> dict:
@@ -234,17 +258,17 @@ def verify(folder: str | os.PathLike, kind: str | tuple[str, ...], fix: str, onl
 
 def _check_file(folder: Path, name: str, rec: dict, fix: str) -> None:
     p = inside(folder, name, str(folder / MANIFEST))
+    tail = f"; {fix}" if fix else ""
     if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int):
-        raise IntegrityError(f"{folder / MANIFEST}: malformed entry for {name!r}; {fix}")
+        raise IntegrityError(f"{folder / MANIFEST}: malformed entry for {name!r}{tail}")
     try:
         size = p.stat().st_size
     except FileNotFoundError:
-        raise IntegrityError(f"{p}: missing (listed in {MANIFEST}); {fix}") from None
+        raise IntegrityError(f"{p}: missing (listed in {MANIFEST}){tail}") from None
     if size != rec["bytes"]:
-        raise IntegrityError(f"{p}: {size:,} bytes, {MANIFEST} records {rec['bytes']:,} (truncated or "
-                             f"replaced); {fix}")
+        raise IntegrityError(f"{p}: {size:,} bytes, {MANIFEST} records {rec['bytes']:,} (truncated or replaced){tail}")
     if "sha256" in rec and sha256_file(p) != rec["sha256"]:
-        raise IntegrityError(f"{p}: checksum mismatch (corrupt, or changed since moekit wrote it); {fix}")
+        raise IntegrityError(f"{p}: checksum mismatch (corrupt, or changed since moekit wrote it){tail}")
 
 
 def verify_file(path: str | os.PathLike, fix: str) -> bool:
@@ -255,7 +279,8 @@ def verify_file(path: str | os.PathLike, fix: str) -> bool:
     if not man.exists():
         return False
     m = read_json(man, fix)
-    rec = m.get("files", {}).get(path.name) if m.get("format") == FORMAT else None
+    _check_manifest(man, m, f"; {fix}")
+    rec = m["files"].get(path.name)
     if rec is None:
         return False
     _check_file(path.parent, path.name, rec, fix)
@@ -330,26 +355,24 @@ def record_files(folder: str | os.PathLike, kind: str, names: list[str]) -> None
     write_manifest(folder, kind, files, {k: v for k, v in m.items() if k not in ("format", "version", "kind", "files")})
 
 
-REPORT_KEYS = ("benchmark", "experiment")
-
-
-def check_report_target(path: str | os.PathLike, what: str) -> Path:
-    """May moekit write a JSON report at ``path``? Yes if nothing is there or moekit's own report
-    (a JSON object with a ``benchmark`` or ``experiment`` field); otherwise a ``FileExistsError``."""
+def check_report_target(path: str | os.PathLike, what: str, kind: str) -> Path:
+    """May moekit write the JSON report of benchmark ``kind`` at ``path``? Yes if nothing is there
+    or moekit's own report of that benchmark (``{"benchmark": kind, ...}``); otherwise a ``FileExistsError``."""
     path = Path(path)
-    if path.is_dir():
-        raise FileExistsError(f"{what} {path}: is a folder; give a file path ending in .json")
-    if path.exists():
+    if path.is_dir() or path.suffix != ".json":
+        raise FileExistsError(f"{what} {path}: give a file path ending in .json")
+    if path.exists() or path.is_symlink():
         try:
-            ours = any(k in json.loads(path.read_text(encoding="utf-8")) for k in REPORT_KEYS)
-        except (ValueError, TypeError, OSError):
+            found = json.loads(path.read_text(encoding="utf-8"))
+            ours = isinstance(found, dict) and found.get("benchmark") == kind and not path.is_symlink()
+        except (ValueError, OSError):
             ours = False
         if not ours:
-            raise FileExistsError(f"{what} {path}: exists and is not a moekit report; choose another path")
+            raise FileExistsError(f"{what} {path}: exists and is not a moekit {kind} report; choose another path")
     return path
 
 
-_TMP = re.compile(r"^\.(?P<name>.+)\.moekit-(?P<tag>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+_TMP = re.compile(r"^\.(?P<name>.+)\.moekit-(?P<tag>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
 def _alive(pid: int) -> bool:
@@ -365,31 +388,37 @@ def _alive(pid: int) -> bool:
 
 
 def staging_dir(final: Path, tag: str = "tmp") -> Path:
-    """A new empty folder beside ``final`` named ``.NAME.moekit-TAG-PID-XXXX`` (removable by
-    :func:`clean_stale` once this process is gone)."""
+    """A new empty folder beside ``final`` named ``.NAME.moekit-TAG-HOST-PID-XXXX`` (removable by
+    :func:`clean_stale` once this process is gone), with the usual permissions."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.moekit-{tag}-{os.getpid()}-", dir=final.parent))
+    d = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name, tag), dir=final.parent))
+    os.chmod(d, 0o777 & ~_umask())
+    return d
 
 
 def clean_stale(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Tidy what an interrupted moekit write left in ``parent`` (for ``name``, or any), once the
-    process that wrote it is gone: a previous version swapped out but not yet replaced goes back
-    under its name; other temporary folders of moekit's own naming are removed. Returns the paths
-    removed."""
+    process that wrote it is gone (a process of this machine: temporaries of another host are left
+    alone): a previous version swapped out but not yet replaced goes back under its name; other
+    temporary files and folders of moekit's own naming are removed. Returns the paths removed."""
     parent, removed = Path(parent), []
     if not parent.is_dir():
         return removed
+    host = _host()
     for p in sorted(parent.iterdir()):
         m = _TMP.match(p.name)
-        if not m or not p.is_dir() or p.is_symlink() or (name is not None and m["name"] != name):
+        if not m or p.is_symlink() or (name is not None and m["name"] != name) or m["host"] != host:
             continue
         if _alive(int(m["pid"])):
             continue
         final = parent / m["name"]
-        if m["tag"] == "old" and not final.exists() and (p / MANIFEST).exists():
+        if m["tag"] == "old" and p.is_dir() and not final.exists() and (p / MANIFEST).exists():
             os.rename(p, final)
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed.append(p)
     return removed
 
@@ -510,9 +539,13 @@ def write_folder(folder: str | os.PathLike, kind: str, what: str = "output folde
     the old manifest listed and the new one does not are removed; files moekit did not write
     stay). Set ``w.meta`` for extra manifest fields."""
     folder = Path(folder)
+    if folder.is_symlink() and folder.is_dir():  # written where the link points; the link stays
+        folder = folder.resolve()
     exists = check_target(folder, kind, what)
     clean_stale(folder.parent, folder.name)
     in_place = exists and not whole
+    if in_place:
+        clean_stale(folder)  # files a killed in-place write left
     root = folder if in_place else staging_dir(folder)
     w = FolderWriter(root, kind)
     w.meta = dict(meta or {})

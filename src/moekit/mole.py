@@ -16,7 +16,6 @@ came from. The inference form computes no expert: it reads the rows of the batch
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zlib
 from collections import OrderedDict
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from .dispatch import Segments
 from .experts import GroupedExperts
-from .io import IntegrityError, read_json, verify, write_folder
+from .io import IntegrityError, dumps, read_json, verify, write_folder
 from .layer import FFN
 
 MANIFEST = "manifest.json"
@@ -209,7 +208,7 @@ def reparameterize(model, path: str | os.PathLike, dtype: torch.dtype | str = to
     with write_folder(path, TABLE_KIND, "MoLE table folder", whole=True) as w:
         w.write(TABLE, write, blocks=f"CRC-32 of each token's record in {ROW_CRC}")
         w.write_bytes(ROW_CRC, crcs.tobytes())
-        w.write_text(MANIFEST, json.dumps(manifest, indent=2))
+        w.write_text(MANIFEST, dumps(manifest, indent=2))
     inference = copy.deepcopy(model)
     table = LookupTable(path, expect_hash=manifest["source_sha256"], cache_bytes=cache_bytes)
     for i, block in enumerate(inference.blocks):
@@ -414,8 +413,9 @@ def load_served(checkpoint: str | os.PathLike, table: str | os.PathLike, cache_b
     expert weights are streamed one tensor at a time to check the table's hash."""
     from safetensors import safe_open
 
-    from .models.gpt import CONFIG_FILE, GPT, WEIGHTS_FILE, Rotary, read_config
+    from .models.gpt import CONFIG_FILE, GPT, WEIGHTS_FILE, Rotary, read_config, verify_model
 
+    verify_model(checkpoint)  # every tensor read below is the one saved
     cfg = read_config(checkpoint)
     with torch.device("meta"):
         model = GPT(cfg)

@@ -9,7 +9,6 @@ repeated runs; ratios compare numbers measured in this same run.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 from dataclasses import asdict, dataclass
@@ -195,8 +194,8 @@ def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | 
         "results": results,
     }
     if out is not None:
-        from ..io import atomic_write_text
+        from ..io import atomic_write_text, dumps
 
-        atomic_write_text(Path(out), json.dumps(report, indent=2))
+        atomic_write_text(Path(out), dumps(report, indent=2))
         console.print(f"wrote {out}")
     return report

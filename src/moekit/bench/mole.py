@@ -14,7 +14,6 @@ only speed, memory and bytes moved are measured here.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -277,9 +276,9 @@ def run_mole_bench(out: str | os.PathLike | None = None, quick: bool = False, co
               "disk_read_mb_s": disk_mb_s, "expert_bytes": expert_bytes,
               "expected_mole_bytes_per_token": 4 * 4 * 128 * 2}
     if out is not None:
-        from ..io import atomic_write_text
+        from ..io import atomic_write_text, dumps
 
-        atomic_write_text(Path(out), json.dumps(report, indent=2))
+        atomic_write_text(Path(out), dumps(report, indent=2))
         console.print(f"wrote {out}")
     return report
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -89,10 +88,7 @@ def demo_moe(path: str | os.PathLike | None = None, steps: int = 357, console=No
     cfg = TrainConfig(steps=steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=s.lr,
                       warmup_steps=max(1, steps // 20), log_every=25)
     Trainer(model, train, None, replace(cfg), progress=console is not None, name="moe-top2").train()
-    model.save(path)
-    from ..io import atomic_write_text
-
-    atomic_write_text(path / "tokenizer.json", tok.to_str())  # for moekit generate
+    model.save(path, files={"tokenizer.json": tok.to_str()})  # the tokenizer for moekit generate
     return model.eval(), val
 
 
@@ -107,7 +103,6 @@ def readme_model(path: str | os.PathLike = READ_ME_MODEL, steps: int = 357, topi
 
     from ..convert import refactor, tune
     from ..demo import FULL, base_config, prepare_corpus
-    from ..io import atomic_write_text
     from ..train import TrainConfig, Trainer
 
     path = Path(path)
@@ -132,8 +127,7 @@ def readme_model(path: str | os.PathLike = READ_ME_MODEL, steps: int = 357, topi
     model = refactor(dense, domains, keep=0.5, pregate={"d_model": 64, "n_heads": 4}, progress=console is not None)
     tune(model, lambda step: train.batch(step, FULL.batch_size, FULL.seq_len, 7), rounds=2, router_steps=30,
          expert_steps=60, router_lr=5e-3, expert_lr=3e-4, progress=console is not None)
-    model.save(path)
-    atomic_write_text(path / "tokenizer.json", tok.to_str())
+    model.save(path, files={"tokenizer.json": tok.to_str()})
     return model.eval(), val
 
 
@@ -399,10 +393,10 @@ def run_offload_bench(out: str | os.PathLike | None = "runs/bench/offload.json",
             table.add_row(*map(str, row))
         console.print(table)
     if out is not None:
-        from ..io import atomic_write_text
+        from ..io import atomic_write_text, dumps
 
         out = Path(out)
-        atomic_write_text(out, json.dumps(report, indent=2))
+        atomic_write_text(out, dumps(report, indent=2))
         plot(rows, out.with_suffix(".png"))
         console.print(f"wrote {out} and {out.with_suffix('.png')}")
     return report

@@ -145,8 +145,8 @@ def run_parallel_bench(out: str | os.PathLike | None = "runs/bench/parallel.json
     console.print(f"step time {statistics.median(single):.3f} s in one process vs {par_step:.3f} s over {world} "
                   f"(x{report['speedup']:.2f}); a2a bytes / (2 x tokens x k x d x 4): {ratios}")
     if out is not None:
-        from ..io import atomic_write_text
+        from ..io import atomic_write_text, dumps
 
-        atomic_write_text(Path(out), json.dumps(report, indent=2))
+        atomic_write_text(Path(out), dumps(report, indent=2))
         console.print(f"wrote {out}")
     return report

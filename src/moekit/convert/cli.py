@@ -111,6 +111,8 @@ def convert_from_args(args: argparse.Namespace) -> nn.Module:
 
     if args.router is not None and args.router not in available_routers():  # before any slow work
         raise ValueError(f"--router {args.router!r}: unknown; valid names are {available_routers()}")
+    if args.method in ("partition", "upcycle") and args.k > args.experts:
+        raise ValueError(f"--k {args.k} must be <= --experts {args.experts}")
     check_target(args.out, MODEL_KIND, "--out")
     torch.manual_seed(args.seed)
     model_path = Path(args.model)

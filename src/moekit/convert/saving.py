@@ -97,7 +97,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
                 raise ValueError(f"{path}: neither a moekit GPT checkpoint nor a converted Hugging Face model "
                                  f"({CONVERT_FILE} is missing): {e}") from None
             with _readable_weights(path / WEIGHTS):
-                model.load_weights(path)
+                model.load_weights(path, verified=True)
             return (model if dtype is None else model.to(dtype)).eval()
         raise FileNotFoundError(f"{path}: no {CONVERT_FILE} / config.json; was it written by moekit.convert.save?")
     meta = read_json(meta_file, MODEL_FIX)

@@ -13,10 +13,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import MANIFEST, MoekitWarning, kind_of, remove_folder, verify, verify_file, write_folder
+from ..io import MANIFEST, MoekitWarning, verify, verify_file, write_folder
 
 EOS = "<|endoftext|>"
-TOKENIZER_FORMAT = 1  # bump when the construction below changes
+TOKENIZER_FORMAT = 2  # bump when the construction below or the cache entry changes (2: with moekit.json)
 CACHE_KIND = "tokenizer-cache"
 
 
@@ -64,14 +64,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 8192, min_frequency:
         show_progress=show_progress,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    if folder.exists() and kind_of(folder) == CACHE_KIND:
-        remove_folder(folder, CACHE_KIND)
-    elif folder.is_dir() and sorted(p.name for p in folder.iterdir()) == ["tokenizer.json"]:
-        (folder / "tokenizer.json").unlink()  # an entry of this cache written before it kept checksums
     try:
-        with write_folder(folder, CACHE_KIND, "tokenizer cache") as w:
+        with write_folder(folder, CACHE_KIND, "tokenizer cache", whole=True) as w:
             w.write_text("tokenizer.json", tok.to_str())
-    except FileExistsError as e:  # not ours: leave it, and the tokenizer is simply not cached
+    except (OSError, ValueError) as e:  # a damaged entry or not ours: left as it is, the tokenizer is not cached
         warnings.warn(f"tokenizer cache: {e}", MoekitWarning, stacklevel=2)
     return tok, False
 

@@ -20,7 +20,6 @@ lower perplexity on every domain).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..convert import active_fraction, fit_routers, partition, prune, refactor, tune
-from ..io import atomic_write_text
+from ..io import atomic_write_text, dumps
 from ..models import GPT
 from ..train import TrainConfig, Trainer, evaluate
 from ._lm import base_config, settings
@@ -163,7 +162,7 @@ def run(out: str | os.PathLike = "runs/experiments/convert-gpt", seeds: int = 1,
               "pretrained_ppl": pre, "router_steps": router_steps, "finetune_lr": ft_lr, "summary": summary,
               "runs": runs, "wall_s": time.perf_counter() - t0}
     out = Path(out)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "results.json", dumps(result))
     plot(result, out / "convert_gpt.png")
     console.print(f"wrote {out}/results.json and convert_gpt.png ({result['wall_s']:.0f} s)")
     return result

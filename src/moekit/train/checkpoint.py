@@ -22,17 +22,17 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..io import (
-    MANIFEST,
     FolderWriter,
     IntegrityError,
     MoekitWarning,
     atomic_write_text,
-    check_target,
+    claim_folder,
     clean_stale,
     fault_point,
     kind_of,
     publish,
     read_json,
+    read_manifest,
     remove_folder,
     staging_dir,
     verify,
@@ -40,7 +40,7 @@ from ..io import (
 )
 
 __all__ = ["KIND", "LATEST", "all_finite", "find_checkpoint", "latest_checkpoint", "load_checkpoint", "list_checkpoints",
-           "save_checkpoint"]
+           "prune_checkpoints", "save_checkpoint", "set_aside"]
 
 LATEST = "latest"
 KIND = "checkpoint"
@@ -77,17 +77,16 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int = 2, run: str | None = None) -> Path:
-    """Write checkpoint ``step`` of run ``run`` under ``folder``; keep the newest ``keep`` checkpoints
-    of that run and remove those of any other run (an overwritten one) once this one is complete."""
+                    state: dict, keep: int = 2, run: str | None = None, prune: bool = True) -> Path:
+    """Write checkpoint ``step`` of run ``run`` under ``folder``, then (``prune``) keep it and the
+    newest ``keep - 1`` earlier ones of that run, and remove those of any other run (an overwritten
+    one): see :func:`prune_checkpoints`."""
     folder = Path(folder)
     if keep < 1:
         raise ValueError(f"save_checkpoint: keep must be >= 1, got {keep}")
     if not all_finite(model.parameters()):
         raise ValueError(f"save_checkpoint: the model has NaN or inf weights at step {step}; not checkpointed")
-    if not check_target(folder, FOLDER_KIND, "checkpoint folder"):
-        folder.mkdir(parents=True, exist_ok=True)
-        write_manifest(folder, FOLDER_KIND, {}, {})
+    claim_folder(folder, FOLDER_KIND, "checkpoint folder")
     clean_stale(folder)
     final = folder / f"step-{step:07d}"
     tmp = staging_dir(final)
@@ -101,8 +100,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
         fault_point("manifest")
         write_manifest(tmp, KIND, w.files, {"step": step, "run": run})
         if final.exists() and kind_of(final) != KIND:  # unreadable manifest: set aside, never deleted
-            aside = final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(final, aside)
+            aside = set_aside(final)
             warnings.warn(f"{final}: a damaged checkpoint of the same step was moved to {aside.name}", MoekitWarning,
                           stacklevel=2)
         publish(tmp, final, KIND)
@@ -111,12 +109,28 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
         raise
     fault_point("latest")
     atomic_write_text(folder / LATEST, final.name + "\n")
-    fault_point("prune")
-    mine = [p for s, p, r in list_checkpoints(folder) if r == run]
-    for _, p, _ in list_checkpoints(folder):
-        if p not in mine[-keep:]:
-            remove_folder(p, KIND)
+    if prune:
+        fault_point("prune")
+        prune_checkpoints(folder, step, keep, run)
     return final
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``NAME.damaged-TIME``: out of every search, never deleted."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(path, aside)
+    return aside
+
+
+def prune_checkpoints(folder: str | os.PathLike, step: int, keep: int, run: str | None) -> None:
+    """Keep checkpoint ``step`` of ``run`` and the newest ``keep - 1`` earlier ones of that run;
+    remove the earlier others and every checkpoint of another run (all moekit's, by their
+    manifests). Checkpoints of this run after ``step`` are left alone."""
+    found = list_checkpoints(folder)
+    mine = [p for s, p, r in found if r == run and s <= step]
+    for s, p, r in found:
+        if (r != run or s < step) and p not in mine[-keep:]:
+            remove_folder(p, KIND)
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path, str | None]]:
@@ -126,32 +140,36 @@ def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path, str | N
     out = []
     for p in folder.iterdir() if folder.is_dir() else ():
         m = _STEP.match(p.name)
-        if not (m and p.is_dir() and kind_of(p) == KIND):
+        if not (m and p.is_dir()):
             continue
         try:
-            man = read_json(p / MANIFEST)
+            man = read_manifest(p, KIND, "")
         except (OSError, IntegrityError):
             continue
         out.append((int(m[1]), p, man.get("run")))
     return sorted(out, key=lambda t: t[0])
 
 
-def find_checkpoint(folder: str | os.PathLike, run: str | None = None) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint under ``folder`` (of run ``run`` if given) whose every file verifies,
-    and why each newer one was skipped. A checkpoint swap a kill interrupted is completed first."""
+def find_checkpoint(folder: str | os.PathLike, run: str | None = None,
+                    at_most: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``folder`` (of run ``run`` if given, at step ``at_most`` or before)
+    whose every file verifies, and ``(path, why)`` of each newer one skipped because it does not. A
+    checkpoint swap a kill interrupted is completed first."""
     folder = Path(folder)
     clean_stale(folder)
     skipped = []
     cands = [(int(m[1]), p) for p in (folder.iterdir() if folder.is_dir() else ())
              if (m := _STEP.match(p.name)) and p.is_dir()]
-    for _, p in sorted(cands, reverse=True):
-        try:
-            man = verify(p, KIND, "skipped")
-        except (IntegrityError, FileNotFoundError) as e:
-            skipped.append(str(e))
+    for s, p in sorted(cands, reverse=True):
+        if at_most is not None and s > at_most:
             continue
-        if run is not None and man.get("run") != run:
-            continue  # another run's (one started again with --overwrite): not ours to resume
+        try:
+            if run is not None and read_manifest(p, KIND, "").get("run") != run:
+                continue  # another run's (one started again with --overwrite): not ours to resume
+            verify(p, KIND, "skipped")
+        except (IntegrityError, FileNotFoundError) as e:
+            skipped.append((p, str(e)))
+            continue
         return p, skipped
     return None, skipped
 
@@ -161,12 +179,14 @@ def latest_checkpoint(folder: str | os.PathLike, run: str | None = None) -> Path
     return find_checkpoint(folder, run)[0]
 
 
-def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Verify checkpoint ``ckpt``, restore model, optimizer and RNG in place; return the saved run
-    state (``step``, ``history``...)."""
+def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    verified: bool = False) -> dict:
+    """Verify checkpoint ``ckpt`` (unless the caller just did: ``verified``), restore model,
+    optimizer and RNG in place; return the saved run state (``step``, ``history``...)."""
     ckpt = Path(ckpt)
     fix = "resume from an earlier checkpoint (delete this one) or start a new run"
-    verify(ckpt, KIND, fix)
+    if not verified:
+        verify(ckpt, KIND, fix)
     state = read_json(ckpt / "state.json", fix)
     load_model(model, str(ckpt / "model.safetensors"), strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), state.pop("optimizer")))

@@ -29,9 +29,35 @@ import torch.distributed as dist
 
 from .._checks import check_number
 from ..data.dataset import TokenStream
-from ..io import MoekitWarning, atomic_write_text, check_target, dumps, update_manifest, verify, write_folder
+from ..io import (
+    MANIFEST,
+    IntegrityError,
+    MoekitWarning,
+    atomic_write_text,
+    check_target,
+    clean_stale,
+    dumps,
+    kind_of,
+    read_json,
+    remove_folder,
+    update_manifest,
+    verify,
+    write_folder,
+)
 from ..layer import aux_loss
-from .checkpoint import all_finite, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..models.gpt import MODEL_KIND
+from .checkpoint import (
+    _STEP,
+    FOLDER_KIND,
+    LATEST,
+    all_finite,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    set_aside,
+)
+from .checkpoint import KIND as CKPT_KIND
 from .evaluate import evaluate
 
 RUN_KIND = "train-run"
@@ -92,6 +118,29 @@ def _mean_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, group=group)
     return t / dist.get_world_size(group)
+
+
+def _all_checkpoints(out_dir: Path) -> list[tuple[int, Path, str | None]]:
+    """Every checkpoint of a run folder: ``checkpoints/step-*`` or, expert-parallel, ``checkpoints/rank*/step-*``."""
+    root = out_dir / "checkpoints"
+    folders = [root] + sorted(p for p in root.glob("rank*-of-*") if p.is_dir()) if root.is_dir() else []
+    return [c for f in folders for c in list_checkpoints(f)]
+
+
+def discard_run(out_dir: Path) -> None:
+    """Remove what moekit wrote for the run in ``out_dir`` (its checkpoints, model and metrics; the
+    manifest and the files it lists are rewritten by the new run), each proved moekit's by a
+    manifest; anything else in the folder stays."""
+    for _, p, _ in _all_checkpoints(out_dir):
+        remove_folder(p, CKPT_KIND)
+    root = out_dir / "checkpoints"
+    for f in [*sorted(root.glob("rank*-of-*")), root] if root.is_dir() else []:
+        if kind_of(f) == FOLDER_KIND:
+            (f / LATEST).unlink(missing_ok=True)
+            remove_folder(f, FOLDER_KIND)
+    if kind_of(out_dir / "model") == MODEL_KIND:
+        remove_folder(out_dir / "model", MODEL_KIND)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # its manifest and files are written anew next
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
@@ -183,8 +232,13 @@ class Trainer:
             return None
         if not self.started:
             self.start()
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                               {"config": asdict(self.config), "history": self.history}, keep=self.keep, run=self.run)
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                               {"config": asdict(self.config), "history": self.history}, keep=self.keep, run=self.run,
+                               prune=not self.parallel)
+        if self.parallel:  # older checkpoints go only once every rank has written this one
+            dist.barrier(group=self.ep_group)
+            prune_checkpoints(self.ckpt_dir, self.step, self.keep, self.run)
+        return path
 
     def _run_meta(self) -> dict:
         return {"run": self.run, "config": asdict(self.config), "settings": self.settings}
@@ -213,11 +267,14 @@ class Trainer:
             self._resume()
             return
         if self.writes:
-            if check_target(self.out_dir, RUN_KIND, "run folder") and not self.overwrite:
-                done = list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
-                at = f" (checkpoints up to step {done[-1][0]})" if done else ""
-                raise FileExistsError(f"{self.out_dir}: holds a moekit training run{at}; continue it with --resume "
-                                      "(resume=True) or start a new one in its place with --overwrite (overwrite=True)")
+            if check_target(self.out_dir, RUN_KIND, "run folder"):
+                if not self.overwrite:
+                    done = [s for s, _, _ in _all_checkpoints(self.out_dir)]
+                    at = f" (checkpoints up to step {max(done)})" if done else ""
+                    raise FileExistsError(f"{self.out_dir}: holds a moekit training run{at}; continue it with --resume "
+                                          "(resume=True) or start a new one in its place with --overwrite "
+                                          "(overwrite=True)")
+                discard_run(self.out_dir)
             self.run = uuid.uuid4().hex[:12]
             self._write_run()
             atomic_write_text(self.out_dir / "metrics.jsonl", "")
@@ -237,29 +294,15 @@ class Trainer:
             detail = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in refused.items())
             raise ValueError(f"resume: {self.out_dir} was started with other settings ({detail}); resume with the "
                              "run's own settings, or start a new run (--overwrite)")
-        ckpt, skipped = find_checkpoint(self.ckpt_dir, self.run)
-        for why in skipped:
-            warnings.warn(f"resume: skipped a checkpoint that does not verify: {why}", MoekitWarning, stacklevel=3)
-        if self.parallel:  # every rank finds its checkpoint, or all stop (a lone error would hang the others)
-            found = torch.tensor(float(ckpt is not None))
-            dist.all_reduce(found, op=dist.ReduceOp.MIN, group=self.ep_group)
-            if not found and ckpt is not None:
-                raise FileNotFoundError(f"resume: another rank has no checkpoint beside {self.ckpt_dir}; start a new run")
+        ckpt = self._pick_checkpoint()
         if ckpt is None:
             hint = (" (an expert-parallel run resumes at the world size it was written at; at another size, start "
                     "from its saved model)") if self.parallel else ""
             raise FileNotFoundError(
                 f"resume: no complete checkpoint under {self.ckpt_dir}{hint}; start a new run (--overwrite)"
             )
-        state = load_checkpoint(ckpt, self.model, self.optimizer)
+        state = load_checkpoint(ckpt, self.model, self.optimizer, verified=True)
         self.step, self.history = state["step"], state["history"]
-        if self.parallel:  # a kill during a checkpoint write can leave the ranks at different steps
-            steps = torch.tensor([self.step, -self.step])
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.ep_group)
-            if int(steps[0]) != -int(steps[1]):
-                raise ValueError(f"resume: the ranks' newest checkpoints are at different steps ({-int(steps[1])} .. "
-                                 f"{int(steps[0])}); delete the newer ones under {self.ckpt_dir.parent} so that every "
-                                 "rank has the same newest step, or start a new run")
         if c.steps < self.step:
             raise ValueError(f"resume: steps={c.steps} but the run is already at step {self.step}; give more steps")
         applied = {k: v for k, v in changed.items() if k in RESUMABLE}
@@ -272,6 +315,45 @@ class Trainer:
         # forget what a killed run logged after its last checkpoint
         if self.writes:
             atomic_write_text(self.out_dir / "metrics.jsonl", "".join(dumps(r, indent=None) + "\n" for r in self.history))
+
+    def _agree(self, ok: bool) -> bool:
+        """``ok`` on every rank (one process: ``ok``)."""
+        if not self.parallel:
+            return ok
+        t = torch.tensor(float(ok))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.ep_group)
+        return bool(t)
+
+    def _pick_checkpoint(self) -> Path | None:
+        """The newest checkpoint of this run that verifies (on every rank, at the same step: a kill
+        while the ranks write theirs leaves some a step ahead). Newer ones that do not verify are
+        set aside (renamed, never deleted) with a warning."""
+        folder = self.ckpt_dir
+        clean_stale(folder)
+        cands = []
+        for p in folder.iterdir() if folder.is_dir() else ():
+            m = _STEP.match(p.name)
+            if m and p.is_dir() and (kind_of(p) != CKPT_KIND or read_json(p / MANIFEST).get("run") == self.run):
+                cands.append((int(m[1]), p))
+        steps = {s for s, _ in cands}
+        if self.parallel:
+            every: list = [None] * dist.get_world_size(self.ep_group)
+            dist.all_gather_object(every, sorted(steps), group=self.ep_group)
+            steps = set.intersection(*map(set, every))
+        for s, p in sorted(cands, reverse=True):
+            if s not in steps:
+                continue
+            try:
+                verify(p, CKPT_KIND, "skipped")
+                ok = True
+            except (IntegrityError, FileNotFoundError) as e:
+                ok = False
+                aside = set_aside(p)
+                warnings.warn(f"resume: skipped a checkpoint that does not verify ({e}); moved it to {aside.name}",
+                              MoekitWarning, stacklevel=4)
+            if self._agree(ok):
+                return p
+        return None
 
     # ----------------------------------------------------------------------------------- loop
 
@@ -320,7 +402,7 @@ class Trainer:
         found = list_checkpoints(self.ckpt_dir) if self.ckpt_dir is not None and self.ckpt_dir.is_dir() else []
         mine = [(s, p) for s, p, r in found if r == self.run]
         if not mine:
-            return "no checkpoint was written yet: start again with a lower learning rate (--lr)"
+            return "no checkpoint was written yet: start again with a lower learning rate (--lr, with --overwrite)"
         s, p = mine[-1]
         return (f"the last finite checkpoint is {p} (step {s}): resume from it with a lower learning rate "
                 "(moekit train --resume --lr ...)")
