@@ -154,6 +154,6 @@ def test_a_hand_edited_but_re_signed_checkpoint_still_loads_what_it_says(tmp_pat
     (ckpt / "state.json").write_text(json.dumps(state))
     assert find_checkpoint(t.ckpt_dir)[0] is None
     resign(ckpt)
-    t = trainer(tmp_path / "run")
+    t = trainer(tmp_path / "run", steps=2)
     t.start(resume=True)
     assert t.history[-1] == {"step": 2, "edited": True}
