@@ -119,7 +119,7 @@ def _resume_plan(args: argparse.Namespace, out: Path) -> tuple[TrainConfig, GPTC
     applied; a flag that conflicts with the run is refused, listing every difference."""
     from dataclasses import replace
 
-    man = verify(out, RUN_KIND, "start a new run with --overwrite, or give another --out")
+    man = verify(out, RUN_KIND, "give the --out of a run moekit train started, or start a new run without --resume")
     settings = man.get("settings") or {}
     recorded = settings.get("flags")
     if not isinstance(recorded, dict) or "model" not in settings or not isinstance(man.get("config"), dict):
