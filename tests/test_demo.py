@@ -74,3 +74,12 @@ def test_cli_train_resume_and_tokenizer_mismatch(tmp_path, capsys):
 def test_cli_train_missing_data(tmp_path, capsys):
     assert main(_train_args(tmp_path / "missing.txt", tmp_path / "run")) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_demo_report_includes_experiment_results(tmp_path):
+    exp = tmp_path / "experiments"
+    assert main(["experiment", "dselect", "--quick", "--seeds", "1", "--out", str(exp / "dselect")]) == 0
+    run_demo(out=tmp_path / "demo", quick=True, minutes=0.02, progress=False, experiments_dir=exp)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## Experiments against the papers" in report and "DSelect-2 static" in report
+    assert (tmp_path / "demo" / "experiments" / "dselect.png").exists()

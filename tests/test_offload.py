@@ -6,13 +6,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from moekit import MoE
 from moekit.models import GPT, GPTConfig
 from moekit.offload import (
-    ExpertCache,
     ExpertStore,
     Future,
     Trace,
@@ -20,7 +17,6 @@ from moekit.offload import (
     offload,
     record_trace,
     simulate,
-    slots_for_budget,
     write_store,
 )
 
@@ -131,143 +127,6 @@ def test_store_bad_input(tmp_path, served):
         write_store(GPT(CFG), tmp_path / "dense")
     with pytest.raises(ValueError, match="unsupported dtype"):
         write_store(model, tmp_path / "x", dtype=torch.int8)
-
-
-# ----------------------------------------------------------------------------------- cache invariants
-
-accesses_strategy = st.lists(
-    st.tuples(st.integers(0, 2), st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True)),
-    min_size=1, max_size=60)
-
-
-@given(accesses=accesses_strategy, policy=st.sampled_from(["lru", "lfu", "belady"]),
-       partition=st.sampled_from(["layer", "global"]), slots=st.integers(1, 8), window=st.sampled_from([1, 5, math.inf]),
-       direct=st.sampled_from([None, "future", 2]))
-def test_cache_invariants(accesses, policy, partition, slots, window, direct):
-    pools = [slots] if partition == "global" else [slots] * 3
-    cache = ExpertCache(pools, 3, [100] * 3, policy, Future(accesses), window, direct=direct)
-    for layer, experts in accesses:
-        used = []
-
-        def use(e, slot, layer=layer, used=used):
-            # the expert is resident in its slot when it is computed (or, computed from the store,
-            # not resident at all), and no slot is shared
-            if slot == "store":
-                assert (layer, e) not in cache.where and direct is not None
-            else:
-                assert cache.where[(layer, e)] == slot
-            used.append(e)
-
-        cache.access(layer, experts, use=use)
-        assert sorted(used) == sorted(experts)
-        for p, n in enumerate(pools):
-            assert len(cache.residents[p]) <= n  # the budget is never exceeded
-            assert len({cache.where[k] for k in cache.residents[p]}) == len(cache.residents[p])
-    s = cache.stats
-    assert s.hits + s.misses == s.accesses == sum(len(e) for _, e in accesses)
-    assert s.bytes_loaded == 100 * s.misses
-
-
-@given(accesses=accesses_strategy, slots=st.integers(1, 6))
-def test_belady_min_is_optimal(accesses, slots):
-    """Belady-MIN never loads more than LRU, LFU or any window, on any stream (one pool per layer)."""
-    ebytes, n = [1] * 3, [6] * 3
-    budget = slots * 3
-    best = simulate(accesses, ebytes, n, budget, "belady").misses
-    for policy in ("lru", "lfu"):
-        assert best <= simulate(accesses, ebytes, n, budget, policy).misses
-    for w in (1, 4):
-        assert best <= simulate(accesses, ebytes, n, budget, "belady", window=w).misses
-
-
-@given(accesses=accesses_strategy, slots=st.integers(1, 6), partition=st.sampled_from(["layer", "global"]))
-def test_bypass_never_reads_more_than_belady_min(accesses, slots, partition):
-    """Computing a miss from the store when the future needs it after every evictable resident never
-    reads more experts than Belady-MIN (which must admit every miss)."""
-    ebytes, n = [1] * 3, [6] * 3
-    budget = slots * (1 if partition == "global" else 3)
-    bypass = simulate(accesses, ebytes, n, budget, "belady", partition, direct="future")
-    assert bypass.misses <= simulate(accesses, ebytes, n, budget, "belady", partition).misses
-    assert bypass.bytes_loaded == bypass.misses
-
-
-@given(requests=st.lists(st.integers(0, 4), min_size=1, max_size=12), slots=st.integers(1, 3))
-def test_bypass_is_optimal_for_one_expert_per_access(requests, slots):
-    """With one expert per access, Belady's rule with bypass reads exactly as few experts as the
-    best of every admit / evict / bypass choice (exhaustive search over cache states)."""
-    from functools import cache
-
-    @cache
-    def best(i: int, cache: frozenset) -> int:
-        if i == len(requests):
-            return 0
-        e = requests[i]
-        if e in cache:
-            return best(i + 1, cache)
-        options = [best(i + 1, cache)]  # computed from the store, nothing admitted
-        if len(cache) < slots:
-            options.append(best(i + 1, cache | {e}))
-        else:
-            options += [best(i + 1, (cache - {v}) | {e}) for v in cache]
-        return 1 + min(options)
-
-    seq = [(0, [e]) for e in requests]
-    assert simulate(seq, [1], [5], slots, "belady", direct="future").misses == best(0, frozenset())
-
-
-def test_direct_rules_known_answers():
-    seq = [(0, [e]) for e in (1, 2, 3, 1, 2, 4, 1, 2)]
-    # Belady's bypass: 3 and 4 are never needed again, so they are computed from the store and 1, 2 stay
-    s = simulate(seq, [1], [5], 2, "belady", direct="future")
-    assert (s.misses, s.direct, s.evictions) == (4, 2, 0)
-    # Fiddler's rule at batch 1 freezes the cache: it loses to LRU on a stream that moves on
-    moving = [(0, [e]) for e in (1, 2, 3, 3, 3, 3)]
-    assert simulate(moving, [1], [5], 2, "lru", direct=2).misses == 6
-    assert simulate(moving, [1], [5], 2, "lru").misses == 3
-    # ... and only misses with fewer than k tokens bypass: with k = 1 nothing does
-    assert simulate(moving, [1], [5], 2, "lru", direct=1).direct == 0
-    cache = ExpertCache([1], 1, [1], "lru", direct=3)
-    cache.access(0, [0], tokens=[5])
-    cache.access(0, [1], tokens=[5])  # five tokens: admitted, evicting 0
-    cache.access(0, [2], tokens=[2])  # two tokens: computed from the store
-    assert (cache.stats.direct, sorted(cache.where)) == (1, [(0, 1)])
-    for bad in (0, -1, "always", True, 1.5):
-        with pytest.raises(ValueError, match="direct"):
-            ExpertCache([1], 1, [1], "lru", direct=bad)
-    with pytest.raises(ValueError, match="needs the future"):
-        ExpertCache([1], 1, [1], "lru", direct="future")
-
-
-def test_belady_min_known_answer():
-    # one layer, 2 slots: MIN evicts the expert needed farthest ahead (6 misses), LRU always the wrong one (8)
-    seq = [(0, [e]) for e in (1, 2, 3, 1, 2, 4, 1, 2)]
-    assert simulate(seq, [1], [5], 2, "belady").misses == 6
-    assert simulate(seq, [1], [5], 2, "lru").misses == 8
-    assert simulate(seq, [1], [5], 3, "belady").misses == 4
-
-
-def test_global_lru_thrashes_on_the_cyclic_stream():
-    # 3 layers, every token needs expert 0 of each: a global LRU of 2 slots evicts exactly the layer
-    # needed next and never hits; one slot per layer hits after the first token
-    seq = [(layer, [0]) for _ in range(10) for layer in range(3)]
-    assert simulate(seq, [1] * 3, [2] * 3, 2, "lru", partition="global").hit_rate == 0.0
-    assert simulate(seq, [1] * 3, [2] * 3, 3, "lru", partition="layer").hit_rate == pytest.approx(27 / 30)
-
-
-def test_slots_for_budget():
-    assert slots_for_budget(800, [100, 100], [8, 8]) == [4, 4]
-    assert slots_for_budget(800, [100, 100], [8, 8], "global") == [8]
-    assert slots_for_budget(10_000, [100, 100], [8, 8]) == [8, 8]  # never more than the layer's experts
-    with pytest.raises(ValueError, match="minimum is 100"):
-        slots_for_budget(99, [100], [8], "global")
-    with pytest.raises(ValueError, match="minimum is 200 bytes"):
-        slots_for_budget(150, [100, 100], [8, 8])
-    with pytest.raises(ValueError, match="partition"):
-        slots_for_budget(800, [100], [8], "ring")
-    with pytest.raises(ValueError, match="policy"):
-        ExpertCache([1], 1, [1], "fifo")
-    with pytest.raises(ValueError, match="future"):
-        ExpertCache([1], 1, [1], "belady")
 
 
 # ----------------------------------------------------------------------------------- traces
@@ -532,28 +391,6 @@ def test_low_bit_copies_and_mixed_precision_serving(tmp_path):
     assert s.bytes_read == s.bytes_loaded and s.resident_bytes <= budget
     with pytest.raises(ValueError, match="int8 copies"):
         offload(copy.deepcopy(ref), write_store(ref, tmp_path / "plain"), low_threshold=0.3)
-
-
-def test_build_batch_is_read_me_algorithm_1():
-    from collections import deque
-
-    from moekit.offload import build_batch, compare_batching, expert_aware_batches
-
-    queues = {0: deque("abc"), 1: deque("d"), 2: deque("ef")}
-    assert build_batch(queues, 4) == list("abce")  # longest queue whole, then the next fills the room and stops
-    assert build_batch(queues, 4) == list("df")
-    assert build_batch(queues, 4) == []
-    with pytest.raises(ValueError, match="max_tokens"):
-        build_batch(queues, 0)
-    items = list(range(10))
-    keys = [i % 3 for i in items]
-    batches = expert_aware_batches(items, keys, 4)
-    assert sorted(x for b in batches for x in b) == items and all(len(b) <= 4 for b in batches)
-    # 8 requests, 2 steps, 1 layer: request r needs expert r % 2; batches of 4
-    routing = [[[[r % 2]], [[r % 2]]] for r in range(8)]
-    res = compare_batching(routing, 4)
-    assert res["expert_aware"]["unique_experts"] == 1.0 and res["fcfs"]["unique_experts"] == 2.0
-    assert res["expert_aware"]["batches"] == res["fcfs"]["batches"] == 4
 
 
 def test_load_offloaded_never_loads_the_experts(tmp_path):
