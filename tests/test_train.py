@@ -227,6 +227,9 @@ def test_a_run_folder_is_overwritten_only_when_asked(tmp_path):
     first = trainer(tmp_path / "run", steps=4)
     first.train()
     first.model.save(tmp_path / "run" / "model")
+    from moekit.offload import write_store
+
+    write_store(first.model, tmp_path / "run" / "model" / "experts")  # what moekit generate --offload leaves there
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"holds a moekit training run \(checkpoints up to step 4\); continue it "
                                               r"with --resume .* or start a new one in its place with --overwrite"):
@@ -238,6 +241,7 @@ def test_a_run_folder_is_overwritten_only_when_asked(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "moekit.json", "notes.txt"]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
     second.train()
+    second.model.save(tmp_path / "run" / "model")  # as moekit train does at the end
     assert [(s, r) for s, _, r in list_checkpoints(first.ckpt_dir)] == [(2, second.run)]
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     (tmp_path / "elsewhere").mkdir()

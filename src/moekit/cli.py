@@ -177,7 +177,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 EXPERIMENTS = {"dselect": "dselect", "dsmoe": "dsmoe", "dynamic-k": "dynamic_k", "convert-gpt": "convert_gpt",
-               "convert-minilm": "convert_minilm"}
+               "convert-minilm": "convert_minilm", "mole-embeddings": "mole_embeddings"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -139,6 +139,8 @@ def discard_run(out_dir: Path) -> None:
             (f / LATEST).unlink(missing_ok=True)
             remove_folder(f, FOLDER_KIND)
     if kind_of(out_dir / "model") == MODEL_KIND:
+        if kind_of(out_dir / "model" / "experts") == "expert-store":  # the store moekit generate wrote beside it
+            remove_folder(out_dir / "model" / "experts", "expert-store")
         remove_folder(out_dir / "model", MODEL_KIND)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # its manifest and files are written anew next
 
