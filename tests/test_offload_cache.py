@@ -1,5 +1,6 @@
 """The expert cache and its simulator (moekit/offload/cache.py): invariants, Belady-MIN optimality,
-the bypass rules, budgets."""
+Belady with a lookahead window against an oracle written from the rule (papers.md §2.6) and a
+hand-worked stream, the bypass rules, budgets."""
 
 import math
 
@@ -120,6 +121,98 @@ def test_belady_min_known_answer():
     assert simulate(seq, [1], [5], 2, "belady").misses == 6
     assert simulate(seq, [1], [5], 2, "lru").misses == 8
     assert simulate(seq, [1], [5], 3, "belady").misses == 4
+
+
+# ----------------------------------------------------------------------------------- Belady with a lookahead window
+
+
+def oracle_belady(stream, slots, window=math.inf, tokens=None):
+    """Belady's rule on the visible future, written from papers.md §2.6: one expert per access, one
+    pool of ``slots`` per layer; on a miss with a full pool evict the resident whose next use is
+    farthest, a use counting only if it lies fewer than ``window`` tokens ahead (else +inf); ties
+    (all +inf) go to the least recently used. Returns ``(misses, residents after each access)``."""
+    tokens = list(range(len(stream))) if tokens is None else tokens
+    pools, last, misses, trace = {}, {}, 0, []
+    for t, key in enumerate(stream):
+        pool = pools.setdefault(key[0], set())
+        if key not in pool:
+            misses += 1
+            if len(pool) == slots:
+                def nxt(k, t=t):
+                    for u in range(t + 1, len(stream)):
+                        if tokens[u] - tokens[t] >= window:
+                            return math.inf
+                        if stream[u] == k:
+                            return u
+                    return math.inf
+
+                pool.remove(max(pool, key=lambda k: (nxt(k), -last[k])))
+            pool.add(key)
+        last[key] = t
+        trace.append(sorted(e for p in pools.values() for _, e in p))
+    return misses, trace
+
+
+def _residents(seq, policy, window=math.inf, slots=2, tokens=None):
+    accesses = [(0, [e]) for e in seq] if tokens is None else seq
+    cache = ExpertCache([slots], 1 if tokens is None else 2, [1, 1], policy, Future(accesses, tokens), window)
+    out = []
+    for layer, experts in accesses:
+        cache.access(layer, experts)
+        if layer == 0:
+            out.append(sorted(e for (lay, e) in cache.where if lay == 0))
+    return cache.stats, out
+
+
+def test_belady_window_hand_worked():
+    """Two slots, stream 1 2 3 1 2 0 0 3 (access t is token t).
+    t=2 (3 misses, 1 and 2 resident): both are seen again within 3 tokens (at 3 and 4): Belady-3 and
+        MIN evict 2, the farther; LRU evicts 1, the older.
+    t=4 (2 misses, 1 and 3 resident): 1 is never used again, 3 at t=7. MIN sees it and evicts 1;
+        Belady-3 sees tokens 5 and 6 only, both look unused, so the tie goes to LRU: it evicts 3.
+    then 0 misses (evicting the older of the unseen), hits at t=6, and 3 misses again for Belady-3 at t=7.
+    """
+    seq = [1, 2, 3, 1, 2, 0, 0, 3]
+    lru = [[1], [1, 2], [2, 3], [1, 3], [1, 2], [0, 2], [0, 2], [0, 3]]
+    belady_min = [[1], [1, 2], [1, 3], [1, 3], [2, 3], [0, 3], [0, 3], [0, 3]]
+    belady_3 = [[1], [1, 2], [1, 3], [1, 3], [1, 2], [0, 2], [0, 2], [0, 3]]
+    for policy, window, want, hits in (("lru", math.inf, lru, 1), ("belady", math.inf, belady_min, 3),
+                                       ("belady", 3, belady_3, 2)):
+        stats, got = _residents(seq, policy, window)
+        assert got == want, (policy, window)
+        assert (stats.hits, stats.misses, stats.evictions) == (hits, 8 - hits, 8 - hits - 2), (policy, window)
+        if policy == "belady":
+            assert oracle_belady([(0, e) for e in seq], 2, window) == (8 - hits, want)
+        assert simulate([(0, [e]) for e in seq], [1], [6], 2, policy, window=window).misses == 8 - hits
+    # window=1 token sees nothing ahead: Belady-1 is LRU here; window=4 already sees t=7 from t=4
+    assert _residents(seq, "belady", 1)[1] == lru
+    assert _residents(seq, "belady", 4)[1] == belady_min
+    # the window counts tokens, not accesses: the same stream with a layer-1 access inside every token
+    # (one global pool of 3 slots, one always held by layer 1's expert, needed next); 4 tokens ahead
+    # are 8 accesses: from t=4, Belady-4 sees t=7 (Belady-MIN's choice), a window of 4 accesses would not
+    two = [(layer, [e if layer == 0 else 0]) for e in seq for layer in (0, 1)]
+    tok = [i // 2 for i in range(len(two))]
+    assert _residents(two, "belady", 3, slots=3, tokens=tok)[1] == belady_3
+    assert _residents(two, "belady", 4, slots=3, tokens=tok)[1] == belady_min
+    assert _residents(two, "belady", math.inf, slots=3, tokens=tok)[1] == belady_min
+    s = simulate(two, [1, 1], [6, 6], 4, "belady", window=3, tokens=tok)
+    assert (s.misses, s.hits_by_layer) == (6 + 1, {0: 2, 1: 7})
+
+
+single_strategy = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4), st.booleans()), min_size=1, max_size=40)
+
+
+@given(stream=single_strategy, slots=st.integers(1, 3), window=st.sampled_from([1, 2, 3, 5, math.inf]))
+def test_belady_window_equals_the_oracle(stream, slots, window):
+    """The cache with ``window`` equals the oracle on any one-expert-per-access stream, several layers,
+    several accesses per token; with ``window=inf`` the oracle is Belady-MIN."""
+    tokens, tok = [], 0
+    for _, _, new_token in stream:
+        tok += new_token
+        tokens.append(tok)
+    accesses = [(layer, [e]) for layer, e, _ in stream]
+    want, _ = oracle_belady([(layer, e) for layer, e, _ in stream], slots, window, tokens)
+    assert simulate(accesses, [1] * 3, [5] * 3, slots * 3, "belady", window=window, tokens=tokens).misses == want
 
 
 def test_global_lru_thrashes_on_the_cyclic_stream():

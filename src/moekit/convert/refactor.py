@@ -208,6 +208,8 @@ def router_loss(model: nn.Module, ids_BT: Tensor, run: Callable | None = None) -
 
 
 def _cosine(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Learning rate of ``step`` in a phase of ``steps``: linear warm-up, then cosine down to 0.1 lr
+    (warm-up and floor are ours: Read-ME gives only the cosine decay; see :func:`tune`)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -221,7 +223,18 @@ def tune(model: nn.Module, batches: Callable[[int], tuple[Tensor, Tensor]], roun
     """Read-ME's alternating schedule: per round, ``router_steps`` of PreGate distillation (backbone
     frozen) then ``expert_steps`` of LM loss (PreGate frozen); cosine decay within a round and
     learning rates times ``decay`` per round. ``batches(step) -> (x, y)`` gives token ids and targets;
-    ``lm_loss(model, x, y)`` defaults to ``model.loss(x, y)``. Returns one record per step."""
+    ``lm_loss(model, x, y)`` defaults to ``model.loss(x, y)``. Returns one record per step.
+
+    What follows the paper (Table 2, papers.md §2.5): the alternation, AdamW with weight decay 0.01,
+    initial learning rates 5e-4 (router) and 5e-5 (experts) as defaults, cosine decay within a round,
+    x0.8 per round. The paper's scale is 8 rounds of 100 router steps (batch 64) and 200 expert
+    steps (batch 128); the defaults here (2 rounds, 50 + 100 steps) are ours, for CPU runs.
+
+    Ours, not in the paper's schedule (and not verified in the official scripts): each phase warms up
+    linearly over its first ``max(1, steps // 10)`` steps; the cosine ends at a floor of 0.1 x the
+    phase's learning rate, not at 0; AdamW's betas are (0.9, 0.95) (PyTorch's default beta2 is
+    0.999); gradients are clipped to norm 1.0. The test suite pins this schedule
+    (``tests/test_refactor.py``)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..layer import aux_loss
