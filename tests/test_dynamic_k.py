@@ -39,6 +39,70 @@ def test_dynamic_k_routing_uses_top_k_t_softmax():
         torch.testing.assert_close(r.weight[sel], torch.softmax(top.values, -1))
 
 
+def test_k_rule_hand_computed():
+    """K_t = clamp(ceil(k_max * importance_t / scale), k_min, k_max), here with k_max / scale = 2."""
+    router = DynamicK(k_min=2, k_max=6).bind(4, 8).eval()
+    router.scale.fill_(3.0)
+    importance = torch.tensor([0.0, 0.4, 0.5, 1.2, 2.0, 2.6, 3.0, 9.0])
+    # 2 * importance = 0, 0.8, 1.0, 2.4, 4.0, 5.2, 6.0, 18 -> ceil 0, 1, 1, 3, 4, 6, 6, 18 -> clamp [2, 6]
+    assert router.experts_per_token(importance).tolist() == [2, 2, 2, 3, 4, 6, 6, 6]
+    r = router(torch.randn(8, 4), importance=importance)
+    assert r.k_per_token.tolist() == [2, 2, 2, 3, 4, 6, 6, 6] and r.num_assignments == 31
+    assert router.scale.item() == 3.0  # eval: the running scale never moves
+
+
+def test_top_k_t_softmax_weights_hand_computed():
+    """Logits = x (identity router); each token's top-K_t experts, weights = softmax over those K_t."""
+    router = DynamicK(1, 4).bind(4, 4).eval()
+    router.scale.fill_(1.0)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    ln = math.log
+    x = torch.tensor([
+        [2.0, 0.0, 1.0, -1.0],          # K=1: expert 0, weight 1
+        [ln(2), ln(6), 0.0, -3.0],      # K=2: experts 1, 0 -> 6/8, 2/8
+        [0.0, ln(2), ln(5), -9.0],      # K=3: experts 2, 1, 0 -> 5/8, 2/8, 1/8
+        [ln(4), ln(3), ln(2), 0.0],     # K=4: experts 0..3 -> 0.4, 0.3, 0.2, 0.1
+    ])
+    r = router(x, importance=torch.tensor([0.25, 0.5, 0.75, 1.0]))  # K = ceil(4 * importance) = 1, 2, 3, 4
+    assert r.token.tolist() == [0, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+    assert r.expert.tolist() == [0, 1, 0, 2, 1, 0, 0, 1, 2, 3]
+    want = torch.tensor([1.0, 0.75, 0.25, 0.625, 0.25, 0.125, 0.4, 0.3, 0.2, 0.1])
+    torch.testing.assert_close(r.weight, want, atol=1e-6, rtol=0)
+
+
+def test_running_max_scale_update_hand_computed():
+    """Default: the first training batch calibrates scale = its max importance, then
+    scale <- (1 - m) * scale + m * max(importance); K uses the scale from before the update."""
+    router = DynamicK(1, 4, momentum=0.25).bind(4, 4)
+    r = router(torch.randn(3, 4), importance=torch.tensor([0.5, 2.0, 1.0]))
+    assert r.k_per_token.tolist() == [1, 4, 2]  # ceil(4 * [0.25, 1, 0.5])
+    assert router.scale.item() == 2.0
+    r = router(torch.randn(3, 4), importance=torch.tensor([1.0, 6.0, 0.2]))
+    assert r.k_per_token.tolist() == [2, 4, 1]  # ceil(4 * [1, 6, 0.2] / 2) = 2, 12, 1 -> clamp
+    assert router.scale.item() == pytest.approx(0.75 * 2.0 + 0.25 * 6.0)  # 3.0
+    router(torch.randn(2, 4), importance=torch.tensor([1.0, 0.5]))
+    assert router.scale.item() == pytest.approx(0.75 * 3.0 + 0.25 * 1.0)  # 2.5
+    router.eval()
+    router(torch.randn(2, 4), importance=torch.tensor([100.0, 0.5]))
+    assert router.scale.item() == pytest.approx(2.5)
+
+
+def test_budget_controller_update_hand_computed():
+    """budget=b: start at mean(importance) * k_max / b, then scale <- scale * (mean K / b) ** m (log-space,
+    multiplicative: a mean K twice the budget and then half of it bring the scale back)."""
+    router = DynamicK(1, 4, budget=2.0, momentum=0.5).bind(4, 4)
+    r = router(torch.randn(4, 4), importance=torch.tensor([0.5, 1.0, 1.5, 1.0]))
+    assert r.k_per_token.tolist() == [2, 3, 4, 3]  # first batch: its own max (1.5) as scale
+    assert router.scale.item() == pytest.approx(1.0 * 4 / 2.0)  # mean importance 1.0
+    r = router(torch.randn(4, 4), importance=torch.full((4,), 2.0))
+    assert r.k_per_token.tolist() == [4, 4, 4, 4]  # mean K 4 = 2 x budget
+    assert router.scale.item() == pytest.approx(2.0 * 2.0**0.5)
+    r = router(torch.randn(4, 4), importance=torch.full((4,), 0.1))
+    assert r.k_per_token.tolist() == [1, 1, 1, 1]  # mean K 1 = budget / 2
+    assert router.scale.item() == pytest.approx(2.0)
+
+
 def test_budget_controller_keeps_mean_k():
     torch.manual_seed(0)
     router = DynamicK(1, 4, budget=2.0, momentum=0.2).bind(8, 8)

@@ -1,3 +1,7 @@
+"""GPT: causality, KV cache, save/load, and the DA-MoE importance against an oracle built from the weights."""
+
+import math
+
 import pytest
 import torch
 
@@ -55,6 +59,91 @@ def test_importance_path_matches_sdpa_and_is_causally_normalised():
     imp(ids[:, :10], caches)
     imp(ids[:, 10:], caches)
     torch.testing.assert_close(imp.blocks[0].ffn.gate.seen.view(3, 6), seen[:, 10:], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- DA-MoE importance oracle
+# Our causal rule (papers.md §5.2, README): importance_t = (t + 1) * mean_heads P[t, t], P the layer's
+# causal attention probabilities. Recomputed here from the weights, in float64, without moekit code.
+
+
+def _rms(x, w, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x_BHTK, theta):
+    """Rotate the pairs (x[2i], x[2i+1]) of position p by the angle p * theta ** (-2i / K), as complex numbers."""
+    B, H, T, K = x_BHTK.shape
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, K, 2, dtype=torch.float64) / K)
+    z = torch.view_as_complex(x_BHTK.reshape(B, H, T, K // 2, 2).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angle), angle)).reshape(B, H, T, K)
+
+
+def _attention_probs(block, x_BTD, cfg):
+    B, T, D = x_BTD.shape
+    H = cfg.n_heads
+    K = D // H
+    h = _rms(x_BTD.double(), block.attn_norm.weight.detach().double(), cfg.norm_eps)
+    W = block.attn.qkv.weight.detach().double()  # rows: q (head-major), then k, then v
+
+    def heads(w):
+        return (h @ w.T).view(B, T, H, K).transpose(1, 2)
+
+    q, k = _rope(heads(W[:D]), cfg.rope_theta), _rope(heads(W[D : 2 * D]), cfg.rope_theta)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(K)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(scores, dim=-1)  # [B, H, T, T]
+
+
+def _importance(p_BHTT):
+    T = p_BHTT.shape[-1]
+    return p_BHTT.diagonal(dim1=-2, dim2=-1).mean(dim=1) * torch.arange(1, T + 1, dtype=p_BHTT.dtype)
+
+
+def test_importance_formula_on_a_hand_built_attention_matrix():
+    p = torch.tensor([[[[1.0, 0.0, 0.0], [0.25, 0.75, 0.0], [0.5, 0.3, 0.2]],
+                       [[1.0, 0.0, 0.0], [0.75, 0.25, 0.0], [0.2, 0.2, 0.6]]]])  # [B=1, H=2, T=3, T=3]
+    # mean over heads of the diagonal: 1, 0.5, 0.4; times t + 1 = 1, 2, 3
+    torch.testing.assert_close(_importance(p), torch.tensor([[1.0, 1.0, 1.2]]))
+
+
+def _exposed(block):
+    gate = block.ffn.gate
+    return gate.seen if hasattr(gate, "seen") else block.ffn.last_routing.importance
+
+
+@pytest.mark.parametrize("kind", ["moe-importance", "moe-dynamic-k"])
+def test_importance_equals_the_causal_rule_recomputed_from_the_weights(kind):
+    torch.manual_seed(0)
+    cfg = CONFIGS[kind]
+    model = GPT(cfg).eval()
+    inputs = {}
+    for i, b in enumerate(model.blocks):
+        with torch.no_grad():  # init (std 0.02) attends almost uniformly: sharpen the attention
+            b.attn.qkv.weight.normal_(0, 0.4)
+        b.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        model(ids)
+    for i, b in enumerate(model.blocks):
+        want = _importance(_attention_probs(b, inputs[i], cfg))  # [B, T]
+        got = _exposed(b).view(2, 12)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        assert float(want[:, 1:].std()) > 0.3  # a far from uniform attention
+        if kind == "moe-dynamic-k":  # never trained: scale 1, K = clamp(ceil(3 * importance), 1, 3)
+            k = torch.ceil(3 * want.float()).clamp(1, 3).long().reshape(-1)
+            assert b.ffn.last_routing.k_per_token.tolist() == k.tolist()
+
+
+def test_uniform_attention_has_importance_one_everywhere():
+    """With q = 0 every token attends uniformly to its t + 1 keys: P[t, t] = 1 / (t + 1), importance 1."""
+    torch.manual_seed(0)
+    model = GPT(CONFIGS["moe-importance"]).eval()
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.qkv.weight[: CFG.d_model].zero_()
+    model(torch.randint(0, 97, (2, 10)))
+    for b in model.blocks:
+        torch.testing.assert_close(b.ffn.gate.seen, torch.ones(20), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])

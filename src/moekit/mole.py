@@ -11,6 +11,14 @@ Re-parameterisation (§3.3): after training, ``FFN_j(RMSNorm_l(E[v]))`` is compu
 ``v`` of the vocabulary and stored on disk as a table ``[V, L, N, D]`` (one token's rows for all
 layers are contiguous, so a new token costs one read), with a manifest and a hash of the weights it
 came from. The inference form computes no expert: it reads the rows of the batch's unique ids.
+
+Quantized tables (the paper's post-training quantisation, §3.5; the implementation is ours): ``int8``
+with an fp16 absmax scale per row (``code = round(x * 127 / absmax)``), and ``nf4`` with QLoRA's 16
+NormalFloat levels, an fp16 absmax scale per ``block`` consecutive values of a row and two codes per
+byte, the first in the high nibble (bitsandbytes' order). The paper quantizes MoLE-4E-160M to NF4 with
+blocks of **768** (one scale per row at d=768; 25.3% of the fp16 size) and to NF3 with blocks of 128
+(19.5%); our default block is **64** (QLoRA's default; 26.6% of fp16), so pass ``block=768`` (or
+``block=d_model``) to :func:`reparameterize` for the paper's setting. NF3 is not implemented.
 """
 
 from __future__ import annotations
@@ -56,7 +64,9 @@ def _record_bytes(kind: str, L: int, N: int, D: int, block: int) -> int:
 
 
 def quantize(x: Tensor, kind: str, block: int = 64) -> np.ndarray:
-    """``x [b, L, N, D]`` fp32 -> ``[b, record_bytes]`` uint8 (values, then fp16 scales)."""
+    """``x [b, L, N, D]`` fp32 -> ``[b, record_bytes]`` uint8 (values, then fp16 scales).
+
+    ``int8``: one absmax per row of ``D``; ``nf4``: one absmax per ``block`` values (the paper: 768)."""
     b = x.shape[0]
     if kind == "int8":
         scale = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
@@ -163,7 +173,8 @@ def reparameterize(model, path: str | os.PathLike, dtype: torch.dtype | str = to
 
     The table is ``[V, L, N, D]``: ``torch.float16`` (the paper's default) or ``torch.float32``, or
     quantized after training: ``"int8"`` (absmax per row) or ``"nf4"`` (QLoRA's NormalFloat-4 with an
-    absmax scale per ``block`` values). It is written atomically with a manifest (sizes, dtype,
+    absmax scale per ``block`` values; ``block`` must divide ``d_model``; the paper uses 768, our
+    default 64 is QLoRA's). It is written atomically with a manifest (sizes, dtype,
     layout and a hash of the embedding, expert norms and expert weights it came from). The returned
     model is a copy whose MoLE blocks read rows from the table and compute no expert, keeping up to
     ``cache_bytes`` of recently used rows in RAM.
