@@ -7,10 +7,13 @@ Once every selector logit is outside the smooth band the gate is exactly k-spars
 then computes only the selected experts (the official layer computes all of them).
 
 Training-only regularisers: the selector entropy ``entropy * sum(-r log(r + 1e-6))`` (a sum over
-every entry, batch included, as in the official code), and, when ``E`` is not a power of two,
-``sum 1 / sum_i r_i`` (coefficient 1) that keeps selector mass off codes with no expert.
+every entry, as in the official code), and, when ``E`` is not a power of two, ``sum 1 / sum_i r_i``
+(coefficient 1) that keeps selector mass off codes with no expert. The per-example form sums them
+over the batch (each token has its own selectors); the static form computes them once per gate used
+in the call, whatever the batch size (the official code adds them once per gate: its selector
+outputs have no batch axis).
 
-Shape legend: ``T`` tokens, ``S`` selectors (= k), ``M`` code bits, ``E`` experts.
+Shape legend: ``T`` tokens, ``S`` selectors (= k), ``M`` code bits, ``E`` experts, ``G`` static gates used in a call.
 """
 
 from __future__ import annotations
@@ -98,25 +101,35 @@ class DSelectK(Router):
             raise ValueError(f"DSelectK: task ids must lie in [0, {self.num_tasks}), got {t.unique().tolist()}")
         return t.expand(T) if t.dim() == 0 else t.reshape(T)
 
-    def gate(self, x_TD: Tensor, task=None) -> tuple[Tensor, Tensor]:
-        """Selector outputs ``r[T, S, E]`` and the dense gate ``q[T, E]`` (fp32)."""
+    def _gate(self, x_TD: Tensor, task=None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Selector outputs ``r``, the dense gate ``q[T, E]`` (fp32), and the gate row of each token.
+
+        Per example: ``r[T, S, E]``, rows ``None``. Static: ``r[G, S, E]``, one row per gate used in
+        the call (not copied per token), and ``rows[T]``: token t uses ``r[rows[t]]``.
+        """
         T = x_TD.shape[0]
         m = self.codes.shape[1]
+        rows = None
         if self.per_example:
             xf = x_TD.float()
             z = nn.functional.linear(xf, self.z_proj.weight.float(), self.z_proj.bias.float()).view(T, self.k, m)
             w = nn.functional.linear(xf, self.w_proj.weight.float(), self.w_proj.bias.float())
         else:
-            idx = self._task_index(task, T, x_TD.device)
-            z, w = self.z_logits.float()[idx], self.w_logits.float()[idx]
-        r = selector_outputs(z, self.codes, self.gamma)  # [T, S, E]
-        q = (torch.softmax(w, dim=-1).unsqueeze(-1) * r).sum(dim=1)  # [T, E]
-        return r, q
+            used, rows = torch.unique(self._task_index(task, T, x_TD.device), return_inverse=True)
+            z, w = self.z_logits.float()[used], self.w_logits.float()[used]
+        r = selector_outputs(z, self.codes, self.gamma)  # [T or G, S, E]
+        q = (torch.softmax(w, dim=-1).unsqueeze(-1) * r).sum(dim=1)  # [T or G, E]
+        return r, (q if rows is None else q[rows]), rows
+
+    def gate(self, x_TD: Tensor, task=None) -> tuple[Tensor, Tensor]:
+        """Selector outputs ``r[T, S, E]`` and the dense gate ``q[T, E]`` (fp32)."""
+        r, q, rows = self._gate(x_TD, task)
+        return (r if rows is None else r[rows]), q
 
     def forward(self, x_TD: Tensor, task=None, **context) -> Routing:
         self._require_bound()
         T, E = x_TD.shape[0], self.num_experts
-        r, q = self.gate(x_TD, task)
+        r, q, _ = self._gate(x_TD, task)  # static form: r holds each gate once, so the losses ignore T
         token, expert = torch.nonzero(q, as_tuple=True)  # exact zeros are dropped: only used experts run
         routing = Routing(token=token, expert=expert, weight=q[token, expert], num_tokens=T, num_experts=E,
                           requested=T * E)
