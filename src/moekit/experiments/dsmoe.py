@@ -6,8 +6,10 @@ GPT is pre-trained once, every FFN is partitioned into 8 contiguous blocks (with
 this is the dense model exactly), and each variant continues training for the same steps on the
 same batches. DSMoE (tau 0.5, sparsity coefficient 1/L: the paper's average over layers) runs
 first; the top-k softmax router (LLaMA-MoE style) then gets ``k = round(DSMoE's mean active
-experts)``. The dense model trained on for the same steps is the reference. Paper (Table 3,
-LLaMA-1B): training without the STE is far worse, PPL 12.75 vs 7.41, with experts that never recover.
+experts)`` and ``scale = k`` (its renormalised weights times k: with equal probabilities each chosen
+block gets weight 1, its dense magnitude, as in the conversion experiments). The dense model trained
+on for the same steps is the reference. Paper (Table 3, LLaMA-1B): training without the STE is far
+worse, PPL 12.75 vs 7.41, with experts that never recover.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ from ._lm import base_config, corpus, experts_per_token, settings
 
 PAPER = {"DSMoE (STE)": 7.41, "no-STE ablation": 12.75, "top-k softmax": None, "dense (trained on)": None}
 E = 8
+
+
+def topk_baseline_args(k: int) -> dict:
+    """The top-k baseline's router arguments: ``TopK(k, scale=k)``, renormalised for ``k > 1``, as the
+    conversion experiments do. With the renormalised weights summing to 1, ``scale=k`` gives blocks cut
+    from one dense FFN their dense magnitude back: with equal router probabilities every chosen block
+    gets weight 1, so right after conversion the output is the dense FFN restricted to those blocks
+    (without it, a third of that at k = 3). Top-1 keeps the raw probability (``renormalize=False``),
+    which is what trains its router."""
+    return {"k": k, "renormalize": k > 1, "scale": float(k)}
 
 
 def _train(model, train, val, s, steps, lr, seed, eval_chunks, name):
@@ -62,12 +74,12 @@ def run(out: str | os.PathLike = "runs/experiments/dsmoe", seeds: int = 2, quick
             dense.load_state_dict(state)
             if router == "topk":
                 k = max(1, round(next(r["mean_active"] for r in runs if r["variant"] == "DSMoE (STE)" and r["seed"] == seed)))
-                args = {"k": k, "renormalize": k > 1}  # top-1 needs the raw probability to train its router
+                args = topk_baseline_args(k)
             model = dense if router is None else partition_gpt(dense, E, router, args)
             hist, ev = _train(model, train, val, s, ft_steps, ft_lr, seed, eval_chunks, f"{name} s{seed}")
             layers = experts_per_token(model, val, s) if router else []
             runs.append({"variant": name, "seed": seed, "val_ppl": ev.ppl, "layers": layers,
-                         "k": (args or {}).get("k"), "history": hist,
+                         "k": (args or {}).get("k"), "router_args": args, "history": hist,
                          "mean_active": statistics.mean(ly["mean_experts"] for ly in layers) if layers else float(E),
                          "dead": sum(ly["dead_experts"] for ly in layers)})
     summary = []
