@@ -169,7 +169,9 @@ EXPERIMENTS = {"dselect": ("DSelect-k in multi-task learning", "dselect", "dsele
                "convert-gpt": ("Dense to MoE: DSMoE partition and Read-ME refactor of the demo GPT vs pruning",
                                "convert_gpt", "convert_gpt.png"),
                "convert-minilm": ("Dense to MoE on a real pre-trained model: MiniLM partitioned vs pruned",
-                                  "convert_minilm", "convert_minilm.png")}
+                                  "convert_minilm", "convert_minilm.png"),
+               "mole-embeddings": ("MoLE: tied vs untied input/output embeddings (the demo ties them for every variant)",
+                                   "mole_embeddings", "mole_embeddings.png")}
 
 
 DEMO_KIND = "demo"
