@@ -36,6 +36,7 @@ experiments: $(STAMP)
 	$(VENV)/bin/moekit experiment dselect
 	$(VENV)/bin/moekit experiment dsmoe
 	$(VENV)/bin/moekit experiment dynamic-k
+	$(VENV)/bin/moekit experiment mole-embeddings
 
 # dense -> MoE conversion: the pre-trained MiniLM (about 7 minutes) and the demo GPT (about 30 minutes)
 experiments-convert: $(STAMP)
