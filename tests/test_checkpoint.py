@@ -157,3 +157,40 @@ def test_a_hand_edited_but_re_signed_checkpoint_still_loads_what_it_says(tmp_pat
     t = trainer(tmp_path / "run", steps=2)
     t.start(resume=True)
     assert t.history[-1] == {"step": 2, "edited": True}
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    from moekit.train.checkpoint import prune_checkpoints
+
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(m.parameters())
+    for step in (2, 8, 4):  # a newer checkpoint of the run (8) exists when step 4 is written
+        save_checkpoint(tmp_path, step, m, opt, {}, keep=3, run="r")
+    prune_checkpoints(tmp_path, 4, keep=1, run="r")
+    assert [s for s, _, _ in list_checkpoints(tmp_path)] == [4, 8]
+
+
+def test_a_checkpoint_of_another_run_is_never_resumed(tmp_path, uninterrupted):
+    import shutil
+
+    other = trainer(tmp_path / "other", steps=8)
+    other.train()  # a different run that got further
+    t = trainer(tmp_path / "run")
+    t.train()
+    shutil.copytree(other.ckpt_dir / "step-0000008", t.ckpt_dir / "step-0000008")
+    shutil.copytree(other.ckpt_dir / "step-0000006", t.ckpt_dir / "step-0000005")  # one more, older than ours
+    t = trainer(tmp_path / "run")
+    t.start(resume=True)
+    assert t.step == 6  # its own newest, not the other run's step 8
+    t.save()  # and pruning removes the other run's, keeping this run's newest two
+    assert [(s, r == t.run) for s, _, r in list_checkpoints(t.ckpt_dir)] == [(4, True), (6, True)]
+
+
+def test_a_damaged_checkpoint_of_the_step_being_saved_is_set_aside(tmp_path):
+    t = trainer(tmp_path / "run", steps=2)
+    t.train()
+    (t.ckpt_dir / "step-0000002" / "moekit.json").write_text("{")  # its manifest unreadable: not provably ours
+    with pytest.warns(MoekitWarning, match=r"a damaged checkpoint of the same step was moved to step-0000002.damaged-"):
+        t.save()
+    assert find_checkpoint(t.ckpt_dir)[0] == t.ckpt_dir / "step-0000002"
+    assert len(list(t.ckpt_dir.glob("step-0000002.damaged-*"))) == 1
