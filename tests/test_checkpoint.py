@@ -168,6 +168,9 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
         save_checkpoint(tmp_path, step, m, opt, {}, keep=3, run="r")
     prune_checkpoints(tmp_path, 4, keep=1, run="r")
     assert [s for s, _, _ in list_checkpoints(tmp_path)] == [4, 8]
+    save_checkpoint(tmp_path, 2, m, opt, {}, keep=3, run="r")
+    prune_checkpoints(tmp_path, 4, keep=2, run="r")  # step 4 and the newest one before it; the newer 8 stays
+    assert [s for s, _, _ in list_checkpoints(tmp_path)] == [2, 4, 8]
 
 
 def test_a_checkpoint_of_another_run_is_never_resumed(tmp_path, uninterrupted):
