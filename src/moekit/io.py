@@ -4,7 +4,7 @@ Three rules, one module:
 
 * **Atomic.** A file is written under a temporary name in its folder, fsynced, then renamed: a
   reader never sees half a file under the final name. A new folder is written whole under a
-  temporary name (``.NAME.moekit-tmp-PID-XXXX``) and renamed when complete: it is complete or absent.
+  temporary name (``.NAME.moekit-tmp-HOST-PID-RANDOM``) and renamed when complete: it is complete or absent.
 * **Checksummed.** Every moekit folder (a model, a checkpoint, a converted model, a MoLE table, an
   expert store, a training run) carries ``moekit.json``: its kind and, for each file, its size and
   SHA-256 (or, for a large file read in blocks, the name of the per-block checksums that guard it).
@@ -388,7 +388,7 @@ def _alive(pid: int) -> bool:
 
 
 def staging_dir(final: Path, tag: str = "tmp") -> Path:
-    """A new empty folder beside ``final`` named ``.NAME.moekit-TAG-HOST-PID-XXXX`` (removable by
+    """A new empty folder beside ``final`` named ``.NAME.moekit-TAG-HOST-PID-RANDOM`` (removable by
     :func:`clean_stale` once this process is gone), with the usual permissions."""
     final.parent.mkdir(parents=True, exist_ok=True)
     d = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name, tag), dir=final.parent))
