@@ -20,6 +20,13 @@ def corpus(quick: bool, console=None):
     return prepare_corpus(s, None, console)
 
 
+def setup(quick: bool, console=None):
+    """``(settings, steps, train, val, base config, evaluation windows)`` of an LM experiment."""
+    s, steps = settings(quick)
+    train, val, tok = prepare_corpus(s, None, console)
+    return s, steps, train, val, base_config(s, tok.get_vocab_size()), 64 if quick else 256
+
+
 def train_lm(config: GPTConfig, train, val, s: DemoSettings, steps: int, seed: int, eval_chunks: int | None,
              progress: bool = True, name: str = "train"):
     """Train one GPT on the demo's batches; return the model, its history and a full evaluation."""
@@ -59,4 +66,4 @@ def with_router(base: GPTConfig, num_experts: int, d_ff: int, router: str, route
     return base.with_moe(num_experts=num_experts, d_ff=d_ff, router=router, router_args=router_args)
 
 
-__all__ = ["settings", "corpus", "train_lm", "experts_per_token", "with_router", "base_config"]
+__all__ = ["settings", "setup", "corpus", "train_lm", "experts_per_token", "with_router", "base_config"]

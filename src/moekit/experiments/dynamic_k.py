@@ -17,7 +17,7 @@ import torch
 
 from ..io import atomic_write_text, dumps
 from ..layer import MoE
-from ._lm import base_config, corpus, experts_per_token, settings, train_lm, with_router
+from ._lm import experts_per_token, setup, train_lm, with_router
 
 VARIANTS = {
     "top-2": ("topk", {"k": 2}),
@@ -45,10 +45,7 @@ def run(out: str | os.PathLike = "runs/experiments/dynamic-k", seeds: int = 2, q
 
     console = Console()
     t0 = time.perf_counter()
-    s, steps = settings(quick)
-    train, val, tok = corpus(quick, console)
-    base = base_config(s, tok.get_vocab_size())
-    eval_chunks = 64 if quick else 256
+    s, steps, train, val, base, eval_chunks = setup(quick, console)
     runs, scatter = [], None
     for seed in range(seeds):
         for name, (router, args) in VARIANTS.items():

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..io import atomic_write_text, dumps
-from ._lm import base_config, corpus, settings, train_lm
+from ._lm import setup, train_lm
 
 ARMS = ("dense", "mole")
 
@@ -34,10 +34,7 @@ def run(out: str | os.PathLike = "runs/experiments/mole-embeddings", seeds: int 
 
     console = Console()
     t0 = time.perf_counter()
-    s, steps = settings(quick)
-    train, val, tok = corpus(quick, console)
-    base = base_config(s, tok.get_vocab_size())
-    eval_chunks = 64 if quick else 256
+    s, steps, train, val, base, eval_chunks = setup(quick, console)
     runs = []
     for seed in range(seeds):
         for arm in ARMS:
