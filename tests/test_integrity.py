@@ -1,6 +1,6 @@
 """One flipped byte or a truncation in any file moekit writes is an error on load that names the
 file (never different outputs): models, converted models, MoLE tables, expert stores, traces,
-tokenizers kept with a run, run and demo manifests. Checkpoints: tests/test_checkpoint.py."""
+tokenizers kept with a run, run and demo manifests. Checkpoints: tests/train/test_checkpoint.py."""
 
 import json
 
@@ -12,10 +12,9 @@ from moekit.convert.saving import load, save
 from moekit.data import load_tokenizer, train_tokenizer
 from moekit.io import MoekitWarning
 from moekit.models import GPT, GPTConfig
-from moekit.mole import LookupTable, reparameterize
+from moekit.models.mole import LookupTable, reparameterize
 from moekit.offload import ExpertStore, Trace, record_trace, write_store
-
-from .faults import flip_byte, resign, truncate
+from tests.faults import flip_byte, resign, truncate
 
 CFG = GPTConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, d_ff=64)
 
@@ -128,7 +127,7 @@ def test_a_damaged_tokenizer_is_named_and_a_damaged_cache_entry_retrained(tmp_pa
 
 
 def test_a_tokenizer_kept_with_a_run_is_checked_wherever_it_is_loaded(tmp_path):
-    from .trainrun import trainer
+    from tests.trainrun import trainer
 
     t = trainer(tmp_path / "run", steps=1)
     tok, _ = train_tokenizer(["the cat sat on the mat " * 30], 280, cache_dir=tmp_path / "cache")
@@ -141,7 +140,7 @@ def test_a_tokenizer_kept_with_a_run_is_checked_wherever_it_is_loaded(tmp_path):
 
 
 def test_a_corrupt_run_manifest_is_named(tmp_path):
-    from .trainrun import trainer
+    from tests.trainrun import trainer
 
     trainer(tmp_path / "run", steps=2).train()
     (tmp_path / "run" / "moekit.json").write_text(json.dumps({"format": "moekit"})[:-3])

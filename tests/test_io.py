@@ -22,8 +22,7 @@ from moekit.io import (
     verify,
     write_folder,
 )
-
-from .faults import flip_byte, resign, truncate
+from tests.faults import flip_byte, resign, truncate
 
 
 def _write(folder, files=None, kind="thing", **kw):

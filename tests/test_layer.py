@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 import moekit
 from moekit import MoE, Routing
 from moekit.routers import ExpertChoice, TopK
-
-from .reference import reference_moe
+from tests.reference import reference_moe
 
 BACKENDS = ["loop", "grouped_mm"]
 

@@ -31,7 +31,7 @@ def test_every_test_the_readme_names_exists():
     root = Path(__file__).parent
     text = (root.parent / "README.md").read_text()
     found, current = [], None
-    for file, name, prefix in re.findall(r"`(test_\w+\.py)?(?:::(test_\w+)(…)?)?`", text):
+    for file, name, prefix in re.findall(r"`((?:\w+/)?test_\w+\.py)?(?:::(test_\w+)(…)?)?`", text):
         current = file or current
         if name:
             found.append((current, name, bool(prefix)))

@@ -1,10 +1,10 @@
 """moekit: mixture-of-experts layers, routers, conversion and serving for PyTorch."""
 
-from . import routers
-from .dispatch import LocalDispatcher, Segments
-from .experts import GroupedExperts, available_backends, register_backend
-from .layer import FFN, MoE, RoutingStats, aux_loss, routing_stats
-from .routing import Router, Routing, load_balancing_loss, router_z_loss
+from moekit import routers
+from moekit.dispatch import LocalDispatcher, Segments
+from moekit.experts import GroupedExperts, available_backends, register_backend
+from moekit.layer import FFN, MoE, RoutingStats, aux_loss, routing_stats
+from moekit.routing import Router, Routing, load_balancing_loss, router_z_loss
 
 __version__ = "0.1.0"
 

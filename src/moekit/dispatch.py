@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .routing import Routing
+from moekit.routing import Routing
 
 
 @dataclass

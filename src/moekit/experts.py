@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import Segments
+from moekit.dispatch import Segments
 
 __all__ = ["GroupedExperts", "experts_on_meta", "ACTIVATIONS", "register_backend", "available_backends", "select_backend"]
 

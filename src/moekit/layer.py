@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_number
-from .dispatch import LocalDispatcher
-from .experts import GroupedExperts, get_activation
-from .routers import build_router
-from .routing import Router, Routing, entropy
+from moekit._checks import check_number
+from moekit.dispatch import LocalDispatcher
+from moekit.experts import GroupedExperts, get_activation
+from moekit.routers import build_router
+from moekit.routing import Router, Routing, entropy
 
 __all__ = ["MoE", "FFN", "aux_loss", "routing_stats", "RoutingStats"]
 

@@ -11,11 +11,11 @@ Hugging Face sparse-MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): ``from_hf
 ``patch_hf_model`` / ``unpatch_hf_model``. transformers is imported only by the caller's objects.
 """
 
-from .build import ConvertedFFN, RoutingContext
-from .ffn import DenseFFN, Family, FFNSite, find_ffns, register_family, supported_families
-from .fit import fit_routers
-from .hf import from_hf, patch_hf_model, supported_blocks, to_hf, unpatch_hf_model
-from .partition import (
+from moekit.convert.build import ConvertedFFN, RoutingContext
+from moekit.convert.ffn import DenseFFN, Family, FFNSite, find_ffns, register_family, supported_families
+from moekit.convert.fit import fit_routers
+from moekit.convert.hf import from_hf, patch_hf_model, supported_blocks, to_hf, unpatch_hf_model
+from moekit.convert.partition import (
     active_fraction,
     channel_importance,
     cluster_groups,
@@ -26,8 +26,8 @@ from .partition import (
     prune,
     upcycle,
 )
-from .refactor import attach_pregate, refactor, tune
-from .saving import load, save
+from moekit.convert.refactor import attach_pregate, refactor, tune
+from moekit.convert.saving import load, save
 
 __all__ = ["from_hf", "to_hf", "patch_hf_model", "unpatch_hf_model", "supported_blocks", "partition_ffn",
            "moe_from_ffn", "partition", "upcycle", "prune", "contiguous_groups", "cluster_groups",

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layer import FFN, MoE
-from ..routers import build_router
-from ..routing import Router
-from .ffn import DenseFFN
+from moekit.convert.ffn import DenseFFN
+from moekit.layer import FFN, MoE
+from moekit.routers import build_router
+from moekit.routing import Router
 
 __all__ = ["moe_from_channels", "dense_from_channels", "ConvertedFFN", "RoutingContext"]
 

@@ -44,7 +44,7 @@ class DenseFFN:
 
     def hidden(self, x: Tensor) -> Tensor:
         """The down projection's input ``act(gate x) * up x`` (or ``act(up x)``): ``[..., F]``."""
-        from ..experts import get_activation
+        from moekit.experts import get_activation
 
         act = get_activation(self.activation)
         up = nn.functional.linear(x, self.up, self.up_bias)
@@ -128,7 +128,7 @@ def _hf_activation(config, gated: bool) -> str:
         raise ValueError(f"moekit.convert: activation {name!r} is not supported for "
                          f"{'gated' if gated else 'plain'} FFNs; supported: {sorted(table)}")
     act = table[name]
-    from ..experts import ACTIVATIONS
+    from moekit.experts import ACTIVATIONS
 
     if act not in ACTIVATIONS:
         raise ValueError(f"moekit.convert: activation {name!r} has no moekit equivalent yet")
@@ -221,7 +221,7 @@ def _bert_sites(model: nn.Module) -> list[FFNSite]:
 
 
 def _gpt_sites(model: nn.Module) -> list[FFNSite]:
-    from ..layer import FFN
+    from moekit.layer import FFN
 
     sites = []
     for i, block in enumerate(model.blocks):
@@ -242,7 +242,7 @@ def _gpt_sites(model: nn.Module) -> list[FFNSite]:
 
 
 def _is_gpt(model: nn.Module) -> bool:
-    from ..models import GPT
+    from moekit.models import GPT
 
     return isinstance(model, GPT)
 

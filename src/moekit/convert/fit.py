@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..layer import MoE
-from ..routing import LinearRouter
-from .partition import MIN_CALIBRATION_TOKENS, _calibration, default_run
+from moekit.convert.partition import MIN_CALIBRATION_TOKENS, _calibration, default_run
+from moekit.layer import MoE
+from moekit.routing import LinearRouter
 
 __all__ = ["fit_routers"]
 

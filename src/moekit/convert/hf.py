@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layer import MoE
-from ..routers import TopK
+from moekit.layer import MoE
+from moekit.routers import TopK
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..layer import FFN, MoE
-from ..routing import Router
-from .build import ConvertedFFN, dense_from_channels, moe_from_channels
-from .ffn import DenseFFN, FFNSite, collect_hidden, family_of, find_ffns
+from moekit.convert.build import ConvertedFFN, dense_from_channels, moe_from_channels
+from moekit.convert.ffn import DenseFFN, FFNSite, collect_hidden, family_of, find_ffns
+from moekit.layer import FFN, MoE
+from moekit.routing import Router
 
 __all__ = ["partition", "upcycle", "prune", "contiguous_groups", "cluster_groups", "channel_importance",
            "partition_ffn", "moe_from_ffn", "partition_gpt", "valid_expert_counts", "calibration_batches",
@@ -103,7 +103,7 @@ def default_run(model: nn.Module, batch) -> object:
     """One calibration forward: ``model(ids)`` for moekit's GPT, ``model(input_ids=ids)`` for transformers."""
     if isinstance(batch, dict):
         return model(**batch)
-    from ..models import GPT
+    from moekit.models import GPT
 
     return model(batch) if isinstance(model, GPT) else model(input_ids=batch)
 

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layer import MoE
-from ..routers.pregate import PreGate
-from .build import ConvertedFFN, RoutingContext, moe_from_channels
-from .ffn import family_of, find_ffns
-from .partition import MIN_CALIBRATION_TOKENS, _bias_flags, channel_importance
+from moekit.convert.build import ConvertedFFN, RoutingContext, moe_from_channels
+from moekit.convert.ffn import family_of, find_ffns
+from moekit.convert.partition import MIN_CALIBRATION_TOKENS, _bias_flags, channel_importance
+from moekit.layer import MoE
+from moekit.routers.pregate import PreGate
 
 __all__ = ["refactor", "domain_masks", "attach_pregate", "distillation_loss", "tune", "pregate_of"]
 
@@ -54,7 +54,7 @@ def domain_masks(importance: list[Tensor], keep: float) -> tuple[Tensor, Tensor]
 
 
 def _embedding_weight(model: nn.Module) -> Tensor:
-    from ..models import GPT
+    from moekit.models import GPT
 
     if isinstance(model, GPT):
         return model.embed.weight
@@ -188,7 +188,7 @@ def _converted_moes(model: nn.Module) -> list[MoE]:
 def router_loss(model: nn.Module, ids_BT: Tensor, run: Callable | None = None) -> tuple[Tensor, float]:
     """The PreGate's distillation loss on one batch (summed over layers) and its top-1 agreement with
     the per-layer targets. The backbone runs without gradients, routed by the current PreGate."""
-    from .partition import default_run
+    from moekit.convert.partition import default_run
 
     moes = _converted_moes(model)
     inputs: dict[int, Tensor] = {}
@@ -237,7 +237,7 @@ def tune(model: nn.Module, batches: Callable[[int], tuple[Tensor, Tensor]], roun
     (``tests/test_refactor.py``)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..layer import aux_loss
+    from moekit.layer import aux_loss
 
     gate = pregate_of(model)
     gate_ids = {id(p) for p in gate.parameters()}

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import MANIFEST, read_json, write_folder
-from ..layer import FFN, MoE
-from ..models.gpt import MODEL_KIND
-from ..routers import build_router
-from .build import ConvertedFFN, RoutingContext
-from .ffn import family_of, find_ffns
+from moekit.convert.build import ConvertedFFN, RoutingContext
+from moekit.convert.ffn import family_of, find_ffns
+from moekit.io import MANIFEST, read_json, write_folder
+from moekit.layer import FFN, MoE
+from moekit.models.gpt import MODEL_KIND
+from moekit.routers import build_router
 
 __all__ = ["save", "load", "CONVERT_FILE"]
 
@@ -35,7 +35,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a converted model (from ``partition``, ``refactor``, ``upcycle`` or ``prune``) to ``path``."""
     from safetensors.torch import save_model
 
-    from ..models import GPT
+    from moekit.models import GPT
 
     path = Path(path)
     if isinstance(model, GPT):
@@ -81,8 +81,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
     """Load a model written by :func:`save` (moekit GPT or Hugging Face)."""
     from safetensors.torch import load_model
 
-    from ..models import GPT
-    from ..models.gpt import MODEL_FIX, read_config, verify_model
+    from moekit.models import GPT
+    from moekit.models.gpt import MODEL_FIX, read_config, verify_model
 
     path = Path(path)
     meta_file = path / CONVERT_FILE
@@ -116,8 +116,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
                          f"match the model built from config.json ({family_of(model).name}, {len(sites)} FFNs)")
     context = None
     if meta.get("pregate"):
-        from ..routers.pregate import PreGate
-        from .refactor import attach_pregate
+        from moekit.convert.refactor import attach_pregate
+        from moekit.routers.pregate import PreGate
 
         context = RoutingContext()
     for site, spec in zip(sites, meta["layers"]):

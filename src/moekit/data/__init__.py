@@ -1,8 +1,8 @@
 """Corpora, tokenizers and token streams."""
 
-from .corpus import Document, by_split, load_corpus, load_text, load_wiki, split_of, wiki_data_dir
-from .dataset import TokenStream
-from .tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer
+from moekit.data.corpus import Document, by_split, load_corpus, load_text, load_wiki, split_of, wiki_data_dir
+from moekit.data.dataset import TokenStream
+from moekit.data.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer
 
 __all__ = [
     "Document",

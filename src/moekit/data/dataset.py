@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .corpus import Document
-from .tokenizer import eos_id
+from moekit.data.corpus import Document
+from moekit.data.tokenizer import eos_id
 
 
 @dataclass

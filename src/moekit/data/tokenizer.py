@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import MANIFEST, MoekitWarning, verify, verify_file, write_folder
+from moekit.io import MANIFEST, MoekitWarning, verify, verify_file, write_folder
 
 EOS = "<|endoftext|>"
 TOKENIZER_FORMAT = 2  # bump when the construction below or the cache entry changes (2: with moekit.json)

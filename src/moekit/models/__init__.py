@@ -1,5 +1,5 @@
 """Models with a pluggable FFN slot."""
 
-from .gpt import GPT, GPTConfig
+from moekit.models.gpt import GPT, GPTConfig
 
 __all__ = ["GPT", "GPTConfig"]

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..io import MANIFEST, IntegrityError, kind_of, read_json, verify, write_folder
-from ..layer import FFN, MoE
-from ..routers import build_router
-from ..routing import Router
+from moekit.io import MANIFEST, IntegrityError, kind_of, read_json, verify, write_folder
+from moekit.layer import FFN, MoE
+from moekit.routers import build_router
+from moekit.routing import Router
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -168,7 +168,7 @@ def build_ffn(cfg: GPTConfig, spec: dict) -> nn.Module:
                    activation=spec.get("activation", "swiglu"), shared_d_ff=spec.get("shared_d_ff"),
                    check_finite=spec.get("check_finite", False))
     if kind == "mole":
-        from ..mole import MoLE
+        from moekit.models.mole import MoLE
 
         return MoLE(cfg.d_model, spec.get("shared_d_ff", cfg.d_ff), spec.get("num_experts", 4),
                     spec.get("d_ff", cfg.d_ff), spec.get("activation", "swiglu"),
@@ -230,7 +230,7 @@ class GPT(nn.Module):
         self.rope = Rotary(config.d_model // config.n_heads, config.max_seq_len, config.rope_theta)
         self.pregate = None
         if config.pregate:
-            from ..routers.pregate import PreGate
+            from moekit.routers.pregate import PreGate
 
             self.pregate = PreGate(config.vocab_size, **config.pregate)
         self.reset_parameters()

@@ -12,11 +12,11 @@
 - :mod:`.batching`: Read-ME's expert-aware batching of concurrent requests.
 """
 
-from .batching import build_batch, compare_batching, expert_aware_batches, fcfs_batches
-from .cache import POLICIES, CacheStats, ExpertCache, Future, simulate, slots_for_budget
-from .runtime import ExpertServer, OffloadedExperts, ServeStats, load_offloaded, offload
-from .store import ExpertStore, LayerSpec, fingerprint, moe_layers, write_store
-from .trace import Trace, record_trace
+from moekit.offload.batching import build_batch, compare_batching, expert_aware_batches, fcfs_batches
+from moekit.offload.cache import POLICIES, CacheStats, ExpertCache, Future, simulate, slots_for_budget
+from moekit.offload.runtime import ExpertServer, OffloadedExperts, ServeStats, load_offloaded, offload
+from moekit.offload.store import ExpertStore, LayerSpec, fingerprint, moe_layers, write_store
+from moekit.offload.trace import Trace, record_trace
 
 __all__ = [
     "POLICIES", "CacheStats", "ExpertCache", "ExpertServer", "ExpertStore", "Future", "LayerSpec",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import ServeStats, load_offloaded
+from moekit.offload.runtime import ServeStats, load_offloaded
 
 __all__ = ["Engine", "find_tokenizer", "parse_budget"]
 
@@ -37,7 +37,7 @@ def parse_budget(text: str | float | int) -> float | int:
 def find_tokenizer(model_dir: str | os.PathLike):
     """The ``tokenizers`` tokenizer saved beside a model (``tokenizer.json`` in its folder or the run
     folder above it, as ``moekit train`` writes), or ``None``."""
-    from ..data import load_tokenizer
+    from moekit.data import load_tokenizer
 
     for folder in (Path(model_dir), Path(model_dir).parent):
         if (folder / "tokenizer.json").exists():

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dispatch import LocalDispatcher, Segments
-from ..experts import get_activation
-from ..io import check_target, kind_of, read_json, verify
-from .cache import ExpertCache, Future, check_direct, slots_for_budget
-from .store import STORE_KIND, ExpertStore, LayerSpec, moe_layers
+from moekit.dispatch import LocalDispatcher, Segments
+from moekit.experts import get_activation
+from moekit.io import check_target, kind_of, read_json, verify
+from moekit.offload.cache import ExpertCache, Future, check_direct, slots_for_budget
+from moekit.offload.store import STORE_KIND, ExpertStore, LayerSpec, moe_layers
 
 STREAM_BYTES = 16 << 10  # the buffer a miss computed from the store is streamed through
 
@@ -484,7 +484,7 @@ def pregate_future(model: nn.Module, layers: list[nn.Module]) -> Future:
     """A :class:`Future` that the model's PreGate (Read-ME) fills as it routes: every forward first
     routes its tokens for all layers, which appends that forward's accesses before the backbone runs,
     so Belady's lookahead and ``prefetch="future"`` act on exact knowledge while generating."""
-    from ..routers.pregate import PreGated
+    from moekit.routers.pregate import PreGated
 
     gate = getattr(model, "pregate", None)
     if gate is None or not all(isinstance(m.gate, PreGated) for m in layers):
@@ -562,10 +562,10 @@ def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLi
     an expert store is refused, never replaced. Other keyword arguments go to :func:`offload`."""
     from safetensors import safe_open
 
-    from ..experts import experts_on_meta
-    from ..models import GPT
-    from ..models.gpt import WEIGHTS_FILE, read_config, verify_model
-    from .store import write_store
+    from moekit.experts import experts_on_meta
+    from moekit.models import GPT
+    from moekit.models.gpt import WEIGHTS_FILE, read_config, verify_model
+    from moekit.offload.store import write_store
 
     path = Path(path)
     man = verify_model(path)

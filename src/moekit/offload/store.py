@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io import dumps, inside, read_json, write_folder
-from ..io import verify as verify_folder
+from moekit.io import dumps, inside, read_json, write_folder
+from moekit.io import verify as verify_folder
 
 __all__ = ["ExpertStore", "LayerSpec", "fingerprint", "moe_layers", "write_store"]
 
@@ -44,7 +44,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
     """The model's MoE layers in forward order (module order)."""
-    from ..layer import MoE
+    from moekit.layer import MoE
 
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if not layers:

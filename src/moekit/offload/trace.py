@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io import IntegrityError
+from moekit.io import IntegrityError
 
 __all__ = ["Trace", "record_trace"]
 
@@ -90,7 +90,7 @@ class Trace:
         existing file there must be a moekit trace."""
         from safetensors.torch import save_file
 
-        from ..io import atomic_write
+        from moekit.io import atomic_write
 
         path = Path(path)
         if path.exists() and _format_of(path) != FORMAT:
@@ -154,7 +154,7 @@ def record_trace(model: nn.Module, sequences: Tensor | list[Tensor], forward=Non
     """Run ``model`` over each sequence (``[S]`` token ids; a ``[B, S]`` tensor is B sequences) and
     record the routing of every MoE layer, token by token. ``forward(model, ids_1S)`` runs the model
     (default: ``model(ids_1S)``)."""
-    from .store import moe_layers
+    from moekit.offload.store import moe_layers
 
     layers = moe_layers(model)
     if isinstance(sequences, Tensor):

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..experts import GroupedExperts
-from .dispatch import AllToAllDispatcher, all_to_all
+from moekit.experts import GroupedExperts
+from moekit.parallel.dispatch import AllToAllDispatcher, all_to_all
 
 __all__ = ["AllToAllDispatcher", "all_to_all", "clip_grad_norm", "exit_now", "expert_parallel", "full_state_dict",
            "is_expert_parallel", "sync_gradients"]
@@ -28,7 +28,7 @@ _SHARDS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj
 
 
 def _moes(model: nn.Module) -> list[nn.Module]:
-    from ..layer import MoE
+    from moekit.layer import MoE
 
     return [m for m in model.modules() if isinstance(m, MoE)]
 

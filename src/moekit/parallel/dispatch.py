@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..dispatch import DispatchContext, Segments, sort_by_expert, weighted_scatter
-from ..routing import Routing
+from moekit.dispatch import DispatchContext, Segments, sort_by_expert, weighted_scatter
+from moekit.routing import Routing
 
 __all__ = ["AllToAllDispatcher", "all_to_all"]
 

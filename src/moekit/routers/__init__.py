@@ -1,14 +1,14 @@
 """Routers: each returns a :class:`moekit.Routing`. One file per router; one registry line each."""
 
-from ..routing import LinearRouter, Router
-from ._registry import available_routers, build_router, register_router
-from .dselect import DSelectK
-from .dynamic_k import DynamicK
-from .expert_choice import ExpertChoice
-from .pregate import PreGate, PreGated
-from .sigmoid_ste import SigmoidSTE
-from .softmax import Softmax
-from .topk import TopK
+from moekit.routers._registry import available_routers, build_router, register_router
+from moekit.routers.dselect import DSelectK
+from moekit.routers.dynamic_k import DynamicK
+from moekit.routers.expert_choice import ExpertChoice
+from moekit.routers.pregate import PreGate, PreGated
+from moekit.routers.sigmoid_ste import SigmoidSTE
+from moekit.routers.softmax import Softmax
+from moekit.routers.topk import TopK
+from moekit.routing import LinearRouter, Router
 
 __all__ = [
     "Router",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..routing import Router
+from moekit.routing import Router
 
 _ROUTERS: dict[str, type[Router]] = {}
 

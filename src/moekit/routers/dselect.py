@@ -23,9 +23,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_number
-from ..routing import Router, Routing
-from ._registry import register_router
+from moekit._checks import check_number
+from moekit.routers._registry import register_router
+from moekit.routing import Router, Routing
 
 
 def smooth_step(t: Tensor, gamma: float = 1.0) -> Tensor:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..routing import Router, Routing
-from ._registry import register_router
+from moekit.routers._registry import register_router
+from moekit.routing import Router, Routing
 
 __all__ = ["PreGate", "PreGated"]
 
@@ -36,7 +36,7 @@ class PreGate(nn.Module):
                  max_seq_len: int = 2048, attn_scale: float = 1.0, rope_theta: float = 10000.0,
                  eps: float = 1e-5) -> None:
         super().__init__()
-        from ..models.gpt import Rotary
+        from moekit.models.gpt import Rotary
 
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"PreGate: d_model={d_model} must split into n_heads={n_heads} heads of even width")
@@ -70,7 +70,7 @@ class PreGate(nn.Module):
 
     def forward(self, ids_BT: Tensor, cache: dict | None = None) -> Tensor:
         """Router logits ``[B, T, E]`` (fp32). ``cache`` (a dict) enables incremental decoding."""
-        from ..models.gpt import rotate_and_cache
+        from moekit.models.gpt import rotate_and_cache
 
         B, T = ids_BT.shape
         x = self.embed(ids_BT)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_number
-from ..routing import LinearRouter, Routing
-from ._registry import register_router
+from moekit._checks import check_number
+from moekit.routers._registry import register_router
+from moekit.routing import LinearRouter, Routing
 
 
 @register_router("sigmoid_ste")

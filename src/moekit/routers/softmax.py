@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..routing import LinearRouter, Routing
-from ._registry import register_router
+from moekit.routers._registry import register_router
+from moekit.routing import LinearRouter, Routing
 
 
 @register_router("softmax")

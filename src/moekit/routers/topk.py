@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_number
-from ..routing import LinearRouter, Routing, load_balancing_loss, router_z_loss
-from ._registry import register_router
+from moekit._checks import check_number
+from moekit.routers._registry import register_router
+from moekit.routing import LinearRouter, Routing, load_balancing_loss, router_z_loss
 
 
 def drop_over_capacity(routing: Routing, capacity: int) -> Routing:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ..io import (
+from moekit.io import (
     FolderWriter,
     IntegrityError,
     MoekitWarning,

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import TokenStream
-from ..layer import MoE
+from moekit.data.dataset import TokenStream
+from moekit.layer import MoE
 
 
 @dataclass

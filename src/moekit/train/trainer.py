@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .._checks import check_number
-from ..data.dataset import TokenStream
-from ..io import (
+from moekit._checks import check_number
+from moekit.data.dataset import TokenStream
+from moekit.io import (
     MANIFEST,
     IntegrityError,
     MoekitWarning,
@@ -44,9 +44,9 @@ from ..io import (
     verify,
     write_folder,
 )
-from ..layer import aux_loss
-from ..models.gpt import MODEL_KIND
-from .checkpoint import (
+from moekit.layer import aux_loss
+from moekit.models.gpt import MODEL_KIND
+from moekit.train.checkpoint import (
     _STEP,
     FOLDER_KIND,
     LATEST,
@@ -57,8 +57,8 @@ from .checkpoint import (
     save_checkpoint,
     set_aside,
 )
-from .checkpoint import KIND as CKPT_KIND
-from .evaluate import evaluate
+from moekit.train.checkpoint import KIND as CKPT_KIND
+from moekit.train.evaluate import evaluate
 
 RUN_KIND = "train-run"
 #: TrainConfig fields a resumed run may change: what they mean from the resumed step on is well defined
@@ -374,7 +374,7 @@ class Trainer:
         (lm + aux).backward()
         clip = c.grad_clip or math.inf  # the norm is computed either way: it is checked below
         if self.parallel:
-            from ..parallel import clip_grad_norm, sync_gradients
+            from moekit.parallel import clip_grad_norm, sync_gradients
 
             sync_gradients(self.model, self.ep_group)
             grad_norm = clip_grad_norm(self.model, clip, self.ep_group)

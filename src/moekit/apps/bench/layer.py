@@ -1,0 +1,201 @@
+"""`moekit bench layer`: moekit.MoE against Hugging Face's eager Mixtral block and a dense FFN.
+
+All three run in one process on the same input, fp32, with the same expert weights for moekit
+and Hugging Face. The dense SwiGLU FFN has the MoE's *active* parameters (hidden width k * d_ff),
+the practical ceiling for an MoE layer on one device. Throughput is tokens/s from the median of
+repeated runs; ratios compare numbers measured in this same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from moekit.apps.bench.timing import interleaved_medians, keep_freed_memory
+from moekit.experts import available_backends
+from moekit.layer import FFN, MoE
+from moekit.routers import TopK
+
+
+@dataclass
+class LayerCase:
+    name: str
+    T: int
+    d: int
+    d_ff: int
+    E: int
+    k: int
+
+
+CASES = [
+    LayerCase("coarse", T=4096, d=512, d_ff=1408, E=8, k=2),
+    LayerCase("fine-grained", T=1024, d=512, d_ff=256, E=64, k=6),
+]
+QUICK_CASES = [
+    LayerCase("coarse-small", T=512, d=128, d_ff=256, E=8, k=2),
+    LayerCase("fine-small", T=256, d=128, d_ff=64, E=32, k=4),
+]
+
+
+def _hf_block(moe: MoE, case: LayerCase):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from moekit.convert.hf import to_hf
+
+    cfg = MixtralConfig(
+        hidden_size=case.d,
+        intermediate_size=case.d_ff,
+        num_local_experts=case.E,
+        num_experts_per_tok=case.k,
+        experts_implementation="eager",
+    )
+    return to_hf(moe, like=MixtralSparseMoeBlock(cfg))
+
+
+def _fwd(module, x):
+    def run():
+        module.eval()
+        with torch.no_grad():
+            module(x)
+
+    return run
+
+
+def _fwd_bwd(module, x, grad):
+    def run():
+        module.train()
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).backward(grad)
+
+    return run
+
+
+def _experts_only(moe: MoE, x, backend: str):
+    """The expert FFNs alone on already-dispatched rows: the ceiling for the whole layer."""
+    experts = copy.deepcopy(moe.experts)
+    experts.backend = backend
+    x_TD = x.detach().reshape(-1, moe.d_model)
+    with torch.no_grad():
+        x_ND, seg, _ = moe.dispatcher.dispatch(x_TD, moe.gate(x_TD))
+    x_ND = x_ND.clone().requires_grad_(True)
+    g_ND = torch.randn_like(x_ND)
+
+    def fwd():
+        with torch.no_grad():
+            experts(x_ND, seg)
+
+    def fwd_bwd():
+        experts.zero_grad(set_to_none=True)
+        x_ND.grad = None
+        experts(x_ND, seg).backward(g_ND)
+
+    return fwd, fwd_bwd
+
+
+DENSE = "dense (equal active)"
+
+
+def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | os.PathLike | None = None,
+                    hf: bool = True, malloc_tuning: bool = True, console=None) -> dict:
+    """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
+
+    Forward is timed in eval mode under ``torch.no_grad()`` (inference); forward+backward in
+    training mode with the routers' auxiliary losses on. Implementations are timed round-robin.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = console or Console(width=max(Console().width, 110))
+    cases = QUICK_CASES if quick else CASES
+    repeats = repeats or (3 if quick else 7)
+    tuned = keep_freed_memory() if malloc_tuning else False
+    torch.manual_seed(0)
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench layer", total=len(cases) * 2 * repeats)
+        for case in cases:
+            x = torch.randn(1, case.T, case.d, requires_grad=True)  # [B, S, D]: HF blocks want 3D
+            grad = torch.randn(1, case.T, case.d)
+            moe = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False).train()
+            impls = {DENSE: FFN(case.d, case.k * case.d_ff), "moekit": moe}
+            for backend in available_backends():
+                m = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False, backend=backend)
+                m.load_state_dict(moe.state_dict())
+                impls[f"moekit ({backend})"] = m.train()
+            if hf:
+                impls["HF Mixtral eager"] = _hf_block(moe, case).train()
+            fwd = {name: _fwd(m, x) for name, m in impls.items()}
+            fwd_bwd = {name: _fwd_bwd(m, x, grad) for name, m in impls.items()}
+            for backend in available_backends():
+                fwd[f"experts only ({backend})"], fwd_bwd[f"experts only ({backend})"] = _experts_only(moe, x, backend)
+            progress.update(task, description=f"{case.name}: forward")
+            t_f = interleaved_medians(fwd, repeats, progress=lambda: progress.advance(task))
+            progress.update(task, description=f"{case.name}: forward+backward")
+            t_fb = interleaved_medians(fwd_bwd, repeats, progress=lambda: progress.advance(task))
+            row = {"case": asdict(case), "impls": {}}
+            for name in fwd:
+                row["impls"][name] = {
+                    "forward_s": t_f[name],
+                    "forward_tok_s": case.T / t_f[name],
+                    "fwd_bwd_s": t_fb[name],
+                    "fwd_bwd_tok_s": case.T / t_fb[name],
+                }
+            r = row["impls"]
+            row["ratios"] = {
+                "forward_vs_dense": t_f[DENSE] / t_f["moekit"],
+                "fwd_bwd_vs_dense": t_fb[DENSE] / t_fb["moekit"],
+                "experts_only_forward_vs_dense": t_f[DENSE] / min(t_f[f"experts only ({b})"] for b in available_backends()),
+                "experts_only_fwd_bwd_vs_dense": t_fb[DENSE] / min(t_fb[f"experts only ({b})"] for b in available_backends()),
+            }
+            if hf:
+                row["ratios"]["forward_vs_hf"] = t_f["HF Mixtral eager"] / t_f["moekit"]
+                row["ratios"]["fwd_bwd_vs_hf"] = t_fb["HF Mixtral eager"] / t_fb["moekit"]
+            results.append(row)
+            del r
+
+    table = Table(
+        title=f"moekit bench layer (fp32, {torch.get_num_threads()} threads, median of {repeats}, "
+        f"malloc tuning {'on' if tuned else 'off'})"
+    )
+    for col in ("case", "implementation", "fwd tok/s", "fwd+bwd tok/s", "fwd vs dense", "fwd+bwd vs dense"):
+        table.add_column(col, justify="left" if col in ("case", "implementation") else "right", no_wrap=True)
+    for row in results:
+        c = row["case"]
+        label = c["name"]
+        dense = row["impls"][DENSE]
+        for name, v in row["impls"].items():
+            table.add_row(
+                label, name, f"{v['forward_tok_s']:,.0f}", f"{v['fwd_bwd_tok_s']:,.0f}",
+                f"{v['forward_tok_s'] / dense['forward_tok_s']:.2f}x",
+                f"{v['fwd_bwd_tok_s'] / dense['fwd_bwd_tok_s']:.2f}x",
+            )
+            label = f"T={c['T']} d={c['d']}" if name.startswith("dense") else (
+                f"d_ff={c['d_ff']} E={c['E']} k={c['k']}" if name == "moekit" else "")
+        table.add_section()
+    console.print(table)
+    for row in results:
+        console.print(f"{row['case']['name']}: " + ", ".join(f"{k}={v:.2f}x" for k, v in row["ratios"].items()))
+    report = {
+        "benchmark": "layer",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "repeats": repeats,
+        "malloc_tuning": tuned,
+        "results": results,
+    }
+    if out is not None:
+        from moekit.io import atomic_write_text, dumps
+
+        atomic_write_text(Path(out), dumps(report, indent=2))
+        console.print(f"wrote {out}")
+    return report

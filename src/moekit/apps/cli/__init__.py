@@ -1,0 +1,5 @@
+"""The ``moekit`` command line."""
+
+from moekit.apps.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,184 @@
+"""`moekit convert`: a dense model (moekit GPT checkpoint or Hugging Face folder) into an MoE, on disk."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit._checks import arg_number
+
+METHODS = ("partition", "refactor", "upcycle", "prune")
+POS_INT, NONNEG_INT = arg_number(1, integer=True), arg_number(0, integer=True)
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="partition (DSMoE), refactor (Read-ME), upcycle, or prune (the baseline)")
+    p.add_argument("--model", required=True,
+                   help="a moekit GPT checkpoint folder (GPT.save / `moekit train`) or a Hugging Face model folder")
+    p.add_argument("--out", required=True, help="folder for the converted model")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (default: in --model, or beside it as `moekit train` writes it)")
+    p.add_argument("--data", default="wiki", help="calibration and tuning text: 'wiki' (bundled corpus), a file, "
+                                                  "a folder, or JSONL")
+    p.add_argument("--calibration-tokens", type=POS_INT, default=16384, help="calibration tokens (per domain for refactor)")
+    p.add_argument("--seq-len", type=arg_number(2, integer=True), default=128)
+    p.add_argument("--experts", type=POS_INT, default=8, help="experts per FFN (partition, upcycle)")
+    p.add_argument("--router", default=None, help="router name (default: sigmoid_ste for partition, topk for upcycle)")
+    p.add_argument("--k", type=POS_INT, default=2, help="experts per token for top-k routers")
+    p.add_argument("--sparsity", type=arg_number(0), default=None, help="SigmoidSTE sparsity coefficient (default 1/layers)")
+    p.add_argument("--grouping", choices=["contiguous", "cluster"], default="contiguous")
+    p.add_argument("--features", choices=["weights", "activations"], default="activations",
+                   help="what clustering compares (grouping=cluster)")
+    p.add_argument("--fit-router", action="store_true", help="fit the router by least squares on calibration text")
+    p.add_argument("--keep", type=arg_number(0, 1, lo_open=True), default=0.5, help="active fraction of each FFN (refactor, prune)")
+    p.add_argument("--domains", default="language", help="refactor: document field whose values are the domains "
+                                                         "(language or topic)")
+    p.add_argument("--max-domains", type=arg_number(2, integer=True), default=4, help="refactor: at most this many (the largest) domains")
+    p.add_argument("--rounds", type=NONNEG_INT, default=2, help="refactor: alternating router/expert rounds")
+    p.add_argument("--router-steps", type=NONNEG_INT, default=30, help="refactor: PreGate distillation steps per round")
+    p.add_argument("--tune-steps", type=NONNEG_INT, default=0,
+                   help="LM fine-tuning steps (refactor: per round; others: in all; moekit GPT and *ForCausalLM)")
+    p.add_argument("--batch-size", type=POS_INT, default=16)
+    p.add_argument("--lr", type=arg_number(0, lo_open=True), default=3e-4)
+    p.add_argument("--seed", type=NONNEG_INT, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _load_model(path: Path) -> nn.Module:
+    from moekit.models import GPT, GPTConfig
+
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"--model {path}: no config.json (expected a moekit GPT checkpoint or a Hugging Face "
+                                "model folder)")
+    cfg = json.loads(cfg_file.read_text())
+    if "model_type" not in cfg:
+        GPTConfig.from_dict(cfg)  # a clear error for a config that is neither
+        return GPT.load(path)
+    import transformers
+
+    arch = (cfg.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return (cls or transformers.AutoModel).from_pretrained(str(path))
+
+
+def _load_tokenizer(args, model_path: Path):
+    from moekit.data import load_tokenizer
+
+    for p in ([Path(args.tokenizer)] if args.tokenizer else
+              [model_path / "tokenizer.json", model_path.parent / "tokenizer.json"]):
+        if p.exists():
+            return load_tokenizer(p)
+    raise FileNotFoundError(f"no tokenizer.json in {model_path} or beside it; pass --tokenizer")
+
+
+def _windows(docs, tokenizer, seq_len: int, tokens: int) -> torch.Tensor:
+    ids: list[int] = []
+    for i in range(0, len(docs), 256):  # encode only as much text as needed
+        for enc in tokenizer.encode_batch([d.text for d in docs[i : i + 256]]):
+            ids.extend(enc.ids)
+        if len(ids) >= tokens:
+            break
+    n = min(len(ids), tokens) // seq_len
+    if n == 0:
+        raise ValueError(f"calibration text too small: {len(ids)} tokens for windows of {seq_len}; give more text")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _lm_loss(model: nn.Module):
+    from moekit.models import GPT
+
+    if isinstance(model, GPT):
+        return lambda m, x, y: m.loss(x, y)
+    if type(model).__name__.endswith("ForCausalLM"):
+        return lambda m, x, y: m(input_ids=x, labels=x).loss
+    return None
+
+
+def convert_from_args(args: argparse.Namespace) -> nn.Module:
+    from moekit.convert import fit_routers, partition, prune, refactor, save, tune, upcycle
+    from moekit.data import by_split, load_corpus
+    from moekit.io import check_target
+    from moekit.layer import aux_loss
+    from moekit.models.gpt import MODEL_KIND
+    from moekit.routers import available_routers
+
+    if args.router is not None and args.router not in available_routers():  # before any slow work
+        raise ValueError(f"--router {args.router!r}: unknown; valid names are {available_routers()}")
+    if args.method in ("partition", "upcycle") and args.k > args.experts:
+        raise ValueError(f"--k {args.k} must be <= --experts {args.experts}")
+    check_target(args.out, MODEL_KIND, "--out")
+    torch.manual_seed(args.seed)
+    model_path = Path(args.model)
+    model = _load_model(model_path).eval()
+    tokenizer = _load_tokenizer(args, model_path)
+    max_len = getattr(getattr(model, "config", None), "max_seq_len", None) or getattr(
+        getattr(model, "config", None), "max_position_embeddings", args.seq_len)
+    seq_len = min(args.seq_len, max_len)
+    docs = by_split(load_corpus(args.data))["train"]
+    n_layers = getattr(model.config, "n_layers", None) or getattr(model.config, "num_hidden_layers", 1)
+    calib = _windows(docs, tokenizer, seq_len, args.calibration_tokens)
+    progress = not args.no_progress
+    stream = calib.reshape(-1)
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows of the calibration text: inputs and next-token targets."""
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        starts = torch.randint(0, stream.numel() - seq_len - 1, (args.batch_size,), generator=g)
+        w = stream[starts[:, None] + torch.arange(seq_len + 1)]
+        return w[:, :-1], w[:, 1:]
+
+    if args.method == "partition":
+        router = args.router or "sigmoid_ste"
+        rargs = {"k": args.k} if router == "topk" else {}
+        if router == "sigmoid_ste":
+            rargs["sparsity"] = args.sparsity if args.sparsity is not None else 1.0 / n_layers
+        new = partition(model, args.experts, router, rargs, grouping=args.grouping, features=args.features,
+                        calibration=calib, seed=args.seed, progress=progress)
+        if args.fit_router:
+            fit_routers(new, calib)
+    elif args.method == "upcycle":
+        new = upcycle(model, args.experts, k=args.k, router=args.router or "topk")
+    elif args.method == "prune":
+        new = prune(model, args.keep, calibration=calib, progress=progress)
+    else:
+        field = args.domains
+        counts = Counter(getattr(d, field, None) for d in docs)
+        names = [n for n, _ in counts.most_common(args.max_domains) if n is not None]
+        if len(names) < 2:
+            raise ValueError(f"--domains {field}: the text has fewer than 2 distinct values ({names}); "
+                             "use another field or more text")
+        domains = {n: _windows([d for d in docs if getattr(d, field) == n], tokenizer, seq_len, args.calibration_tokens)
+                   for n in names}
+        new = refactor(model, domains, keep=args.keep, seed=args.seed, progress=progress)
+        lm = _lm_loss(new)
+        if args.rounds and (args.router_steps or args.tune_steps):
+            tune(new, batches, rounds=args.rounds, router_steps=args.router_steps,
+                 expert_steps=args.tune_steps if lm is not None else 0, expert_lr=args.lr, lm_loss=lm,
+                 progress=progress)
+    if args.method != "refactor" and args.tune_steps:
+        lm = _lm_loss(new)
+        if lm is None:
+            raise ValueError(f"--tune-steps: no LM loss for {type(new).__name__}; fine-tune it in your own loop")
+        from rich.progress import track
+
+        opt = torch.optim.AdamW(new.parameters(), lr=args.lr, weight_decay=0.01)
+        new.train()
+        for step in track(range(args.tune_steps), description="fine-tuning", disable=not progress):
+            loss = lm(new, *batches(step)) + aux_loss(new)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(new.parameters(), 1.0)
+            opt.step()
+        new.eval()
+    out = save(new, args.out)
+    total = sum(p.numel() for p in new.parameters())
+    print(f"{args.method}: {type(model).__name__} -> {total / 1e6:.2f}M parameters; saved to {out} "
+          f"(load with moekit.convert.load)")
+    return new

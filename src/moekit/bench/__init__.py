@@ -1,5 +1,0 @@
-"""Benchmarks: each prints a table and writes JSON (ratios against a baseline run in the same process)."""
-
-from .timing import median_time
-
-__all__ = ["median_time"]

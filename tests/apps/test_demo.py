@@ -1,0 +1,84 @@
+import json
+import re
+
+import pytest
+
+from moekit.apps.cli.main import main
+from moekit.apps.demo import run_demo
+from tests.faults import resign
+
+
+def test_quick_demo_writes_report_and_figures(tmp_path):
+    summary = run_demo(out=tmp_path, quick=True, minutes=0.05, progress=False)
+    names = {r["variant"] for r in summary["results"]}
+    assert {"dense", "moe-top2", "mole"} <= names
+    report = (tmp_path / "report.md").read_text()
+    assert "| dense |" in report and "| moe-top2 |" in report and "ppl fr" in report
+    for fig in ("loss_curves.png", "tradeoffs.png", "expert_load_language.png", "expert_load_topic.png"):
+        data = (tmp_path / fig).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, fig
+    results = json.loads((tmp_path / "results.json").read_text())
+    moe = next(r for r in results["results"] if r["variant"] == "moe-top2")
+    dense = next(r for r in results["results"] if r["variant"] == "dense")
+    assert moe["params_total"] > dense["params_total"]
+    assert abs(moe["params_active"] - dense["params_active"]) / dense["params_active"] < 0.05  # equal active
+    assert set(moe["ppl_by_language"]) == {"en", "fr", "es"} and moe["load_imbalance"] >= 1.0
+    assert (tmp_path / "variants" / "moe-top2" / "model" / "model.safetensors").exists()
+    mole = next(r for r in results["results"] if r["variant"] == "mole")
+    assert mole["resident_mb"] < moe["resident_mb"] and mole["offloaded_mb"] > 0
+    assert set(mole["mole_tables"]) == {"float16", "int8", "nf4"}
+    assert "MoLE lookup tables" in report
+    # the report is written again from results.json and the committed experiments, without training
+    (tmp_path / "report.md").unlink()
+    assert main(["demo", "--out", str(tmp_path), "--report-only", "--experiments", str(tmp_path / "none")]) == 0
+    again = (tmp_path / "report.md").read_text()
+    assert "| moe-top2 |" in again and "Experiments against the papers" in again
+
+
+def test_report_only_needs_a_finished_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--report-only"]) == 1
+    assert "run `moekit demo" in capsys.readouterr().err
+
+
+def test_demo_rejects_unknown_variant(tmp_path):
+    with pytest.raises(ValueError, match="unknown variants"):
+        run_demo(out=tmp_path, quick=True, variants=["nope"], progress=False)
+
+
+def _train_args(data, out, *extra):
+    return ["train", "--data", str(data), "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--eval-every", "2",
+            "--vocab", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--seq-len", "16",
+            "--batch-size", "2", "--warmup", "1", "--no-progress", *extra]
+
+
+def test_cli_train_resume_and_tokenizer_mismatch(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(f"paragraph {i}: the cat sat on the mat and looked around." for i in range(300)),
+                    encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(_train_args(data, out, "--ffn", "moe", "--experts", "4")) == 0
+    assert (out / "model" / "model.safetensors").exists() and (out / "checkpoints" / "latest").exists()
+    assert main(_train_args(data, out, "--resume")) == 0  # already at its last step: nothing lost, no error
+    from moekit.data import train_tokenizer
+
+    other, _ = train_tokenizer(["completely different text " * 40], 280, cache_dir=tmp_path / "tok")
+    (out / "tokenizer.json").write_text(other.to_str())
+    assert main(_train_args(data, out, "--resume")) == 1  # replaced by hand: its checksum no longer matches
+    assert "tokenizer.json: " in capsys.readouterr().err
+    resign(out)  # and behind the checksum, the vocabulary is checked
+    assert main(_train_args(data, out, "--resume")) == 1
+    assert re.search("vocab_size=.*resume with the tokenizer the run was started with", capsys.readouterr().err)
+
+
+def test_cli_train_missing_data(tmp_path, capsys):
+    assert main(_train_args(tmp_path / "missing.txt", tmp_path / "run")) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_demo_report_includes_experiment_results(tmp_path):
+    exp = tmp_path / "experiments"
+    assert main(["experiment", "dselect", "--quick", "--seeds", "1", "--out", str(exp / "dselect")]) == 0
+    run_demo(out=tmp_path / "demo", quick=True, minutes=0.02, progress=False, experiments_dir=exp)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## Experiments against the papers" in report and "DSelect-2 static" in report
+    assert (tmp_path / "demo" / "experiments" / "dselect.png").exists()
