@@ -15,7 +15,8 @@ from moekit import MoE
 from moekit.convert import load, refactor, save, tune
 from moekit.convert.refactor import distillation_loss, distillation_targets, domain_masks, router_loss
 from moekit.models import GPT, GPTConfig
-from moekit.routers import PreGate, PreGated
+from moekit.models.pregate import PreGate
+from moekit.routers import PreGated
 
 
 def _dense(seed=0):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from moekit.routers import PreGate
+from moekit.models.pregate import PreGate
 
 EPS = 1e-5  # RMSNorm epsilon (PreGate's default)
 THETA = 10000.0  # RoPE base

@@ -5,7 +5,7 @@
 2. Per layer, each domain keeps its top ``keep`` fraction of channels; the channels every domain
    keeps form an always-on residual expert; expert ``i`` holds domain ``i``'s other channels, so
    all experts have equal width and a token computes ``keep`` of the dense FFN.
-3. ``moekit.routers.PreGate``, one small causal transformer over token ids, picks each token's
+3. ``moekit.models.pregate.PreGate``, one small causal transformer over token ids, picks each token's
    expert for every layer before the backbone runs (top-1, no gate value).
 4. :func:`tune` alternates router rounds (backbone frozen, the official distillation loss) and
    expert rounds (router frozen, LM loss), the learning rates decaying 0.8x per round.
@@ -32,7 +32,7 @@ from moekit.convert.build import ConvertedFFN, RoutingContext, moe_from_channels
 from moekit.convert.ffn import family_of, find_ffns
 from moekit.convert.partition import MIN_CALIBRATION_TOKENS, _bias_flags, channel_importance
 from moekit.layer import MoE
-from moekit.routers.pregate import PreGate
+from moekit.models.pregate import PreGate
 
 __all__ = ["refactor", "domain_masks", "attach_pregate", "distillation_loss", "tune", "pregate_of"]
 

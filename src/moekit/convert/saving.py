@@ -117,7 +117,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
     context = None
     if meta.get("pregate"):
         from moekit.convert.refactor import attach_pregate
-        from moekit.routers.pregate import PreGate
+        from moekit.models.pregate import PreGate
 
         context = RoutingContext()
     for site, spec in zip(sites, meta["layers"]):

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.io import MANIFEST, IntegrityError, kind_of, read_json, verify, write_folder
-from moekit.layer import FFN, MoE
-from moekit.routers import build_router
+from moekit.layer import MoE
+from moekit.models.ffn import build_ffn
+from moekit.models.pregate import PreGate
+from moekit.ops.rotary import Rotary, rotate_and_cache
 from moekit.routing import Router
 
 CONFIG_FILE = "config.json"
@@ -47,7 +49,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    #: Read-ME pre-gating router (``moekit.routers.PreGate`` arguments without the vocabulary size):
+    #: Read-ME pre-gating router (``moekit.models.pregate.PreGate`` arguments without the vocabulary size):
     #: layers whose router is ``"pregate"`` take the expert it picks from the token ids
     pregate: dict | None = None
     extra: dict = field(default_factory=dict)  # free-form metadata (e.g. tokenizer key), compared on load
@@ -93,40 +95,6 @@ class GPTConfig:
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
-        super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
-        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        t = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = torch.outer(t, inv)  # [T, K/2]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
-
-    def forward(self, x_BHTK: Tensor, offset: int) -> Tensor:
-        T = x_BHTK.shape[-2]
-        if offset + T > self.cos.shape[0]:
-            raise ValueError(f"sequence of {offset + T} tokens is longer than max_seq_len={self.cos.shape[0]}")
-        cos, sin = self.cos[offset : offset + T].to(x_BHTK.dtype), self.sin[offset : offset + T].to(x_BHTK.dtype)
-        x1, x2 = x_BHTK[..., 0::2], x_BHTK[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
-
-def rotate_and_cache(q: Tensor, k: Tensor, v: Tensor, rope: Rotary, cache: dict | None):
-    """RoPE at the cache's offset, append to the KV cache, and the causal mask (``None`` for one query):
-    ``(q, k, v, mask, offset)`` with ``k``/``v`` covering the whole sequence so far."""
-    T = q.shape[-2]
-    offset = 0 if cache is None or "k" not in cache else cache["k"].shape[-2]
-    q, k = rope(q, offset), rope(k, offset)
-    if cache is not None:
-        if "k" in cache:
-            k, v = torch.cat([cache["k"], k], dim=-2), torch.cat([cache["v"], v], dim=-2)
-        cache["k"], cache["v"] = k, v
-    S = k.shape[-2]
-    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    return q, k, v, mask, offset
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -156,24 +124,6 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, D)), importance
-
-
-def build_ffn(cfg: GPTConfig, spec: dict) -> nn.Module:
-    kind = spec.get("kind", "dense")
-    if kind == "dense":
-        return FFN(cfg.d_model, spec.get("d_ff", cfg.d_ff), spec.get("activation", "swiglu"))
-    if kind == "moe":
-        router = build_router(spec.get("router", "topk"), **spec.get("router_args", {}))
-        return MoE(cfg.d_model, spec.get("d_ff", cfg.d_ff), spec.get("num_experts", 8), router=router,
-                   activation=spec.get("activation", "swiglu"), shared_d_ff=spec.get("shared_d_ff"),
-                   check_finite=spec.get("check_finite", False))
-    if kind == "mole":
-        from moekit.models.mole import MoLE
-
-        return MoLE(cfg.d_model, spec.get("shared_d_ff", cfg.d_ff), spec.get("num_experts", 4),
-                    spec.get("d_ff", cfg.d_ff), spec.get("activation", "swiglu"),
-                    spec.get("expert_activation", "gelu"), cfg.norm_eps)
-    raise ValueError(f"GPTConfig.ffn: unknown kind {kind!r}; valid kinds are ['dense', 'moe', 'mole']")
 
 
 class Block(nn.Module):
@@ -230,8 +180,6 @@ class GPT(nn.Module):
         self.rope = Rotary(config.d_model // config.n_heads, config.max_seq_len, config.rope_theta)
         self.pregate = None
         if config.pregate:
-            from moekit.routers.pregate import PreGate
-
             self.pregate = PreGate(config.vocab_size, **config.pregate)
         self.reset_parameters()
 

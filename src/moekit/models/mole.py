@@ -37,6 +37,7 @@ from moekit.dispatch import Segments
 from moekit.experts import GroupedExperts
 from moekit.io import IntegrityError, dumps, read_json, verify, write_folder
 from moekit.layer import FFN
+from moekit.models.ffn import register_ffn
 
 MANIFEST = "manifest.json"
 TABLE = "table.bin"
@@ -147,6 +148,14 @@ class MoLE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- the table on disk
+
+
+@register_ffn("mole")
+def mole_ffn(cfg, spec: dict) -> MoLE:
+    """The ``mole`` FFN kind of the GPT: ``shared_d_ff`` (default the model's ``d_ff``) for the shared
+    FFN, ``d_ff`` for each of the ``num_experts`` routed experts."""
+    return MoLE(cfg.d_model, spec.get("shared_d_ff", cfg.d_ff), spec.get("num_experts", 4), spec.get("d_ff", cfg.d_ff),
+                spec.get("activation", "swiglu"), spec.get("expert_activation", "gelu"), cfg.norm_eps)
 
 
 def _hash_sources(embedding: Tensor, layers: list[MoLE]) -> str:
@@ -424,7 +433,8 @@ def load_served(checkpoint: str | os.PathLike, table: str | os.PathLike, cache_b
     expert weights are streamed one tensor at a time to check the table's hash."""
     from safetensors import safe_open
 
-    from moekit.models.gpt import CONFIG_FILE, GPT, WEIGHTS_FILE, Rotary, read_config, verify_model
+    from moekit.models.gpt import CONFIG_FILE, GPT, WEIGHTS_FILE, read_config, verify_model
+    from moekit.ops.rotary import Rotary
 
     verify_model(checkpoint)  # every tensor read below is the one saved
     cfg = read_config(checkpoint)

@@ -4,7 +4,7 @@ from moekit.routers._registry import available_routers, build_router, register_r
 from moekit.routers.dselect import DSelectK
 from moekit.routers.dynamic_k import DynamicK
 from moekit.routers.expert_choice import ExpertChoice
-from moekit.routers.pregate import PreGate, PreGated
+from moekit.routers.pregate import PreGated
 from moekit.routers.sigmoid_ste import SigmoidSTE
 from moekit.routers.softmax import Softmax
 from moekit.routers.topk import TopK
@@ -19,7 +19,6 @@ __all__ = [
     "DSelectK",
     "SigmoidSTE",
     "DynamicK",
-    "PreGate",
     "PreGated",
     "available_routers",
     "build_router",

@@ -32,7 +32,8 @@ from moekit.apps.bench.timing import interleaved_medians, peak_rss_mb, rss_mb
 from moekit.dispatch import Segments
 from moekit.experts import GroupedExperts, get_activation
 from moekit.models import GPT, GPTConfig
-from moekit.models.gpt import WEIGHTS_FILE, Rotary, read_config
+from moekit.models.gpt import WEIGHTS_FILE, read_config
+from moekit.ops.rotary import Rotary
 
 #: ``mole-disk`` checks every record it reads against its CRC-32 (moekit's default);
 #: ``mole-disk-unchecked`` is the same model with the check off, to measure what the check costs

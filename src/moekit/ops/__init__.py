@@ -1,0 +1,1 @@
+"""Shared low-level pieces: rotary attention helpers, quantizers, uncached file reads."""
