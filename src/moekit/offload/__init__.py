@@ -13,13 +13,13 @@
 """
 
 from moekit.offload.batching import build_batch, compare_batching, expert_aware_batches, fcfs_batches
-from moekit.offload.cache import POLICIES, CacheStats, ExpertCache, Future, simulate, slots_for_budget
+from moekit.offload.cache import POLICIES, available_policies, CacheStats, ExpertCache, Future, simulate, slots_for_budget
 from moekit.offload.runtime import ExpertServer, OffloadedExperts, ServeStats, load_offloaded, offload
 from moekit.offload.store import ExpertStore, LayerSpec, fingerprint, moe_layers, write_store
 from moekit.offload.trace import Trace, record_trace
 
 __all__ = [
-    "POLICIES", "CacheStats", "ExpertCache", "ExpertServer", "ExpertStore", "Future", "LayerSpec",
+    "POLICIES", "available_policies", "CacheStats", "ExpertCache", "ExpertServer", "ExpertStore", "Future", "LayerSpec",
     "OffloadedExperts", "ServeStats", "load_offloaded", "Trace", "fingerprint", "moe_layers", "offload", "record_trace",
     "simulate", "slots_for_budget", "write_store", "build_batch", "compare_batching", "expert_aware_batches",
     "fcfs_batches",

@@ -46,10 +46,16 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["POLICIES", "CacheStats", "ExpertCache", "Future", "simulate", "slots_for_budget"]
+__all__ = ["POLICIES", "available_policies", "CacheStats", "ExpertCache", "Future", "simulate", "slots_for_budget"]
 
 Key = tuple[int, int]  # (layer, expert)
 POLICIES = ("lru", "lfu", "belady")
+
+
+def available_policies(online: bool = False) -> list[str]:
+    """Names of the registered cache policies; ``online=True``: only those that need no knowledge
+    of future requests (usable when serving without a PreGate's lookahead)."""
+    return [p for p in POLICIES if not (online and p == "belady")]
 
 
 class Future:
