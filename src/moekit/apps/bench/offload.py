@@ -67,7 +67,7 @@ def demo_moe(path: str | os.PathLike | None = None, steps: int = 357, console=No
     if it is missing (``quick``: the quick demo's smaller settings)."""
     from dataclasses import replace
 
-    from moekit.apps.demo import FULL, QUICK, base_config, default_variants, prepare_corpus
+    from moekit.apps.presets import FULL, QUICK, base_config, default_variants, prepare_corpus
     from moekit.train import TrainConfig, Trainer
 
     path = resolve_model(path, quick)
@@ -101,7 +101,7 @@ def readme_model(path: str | os.PathLike = READ_ME_MODEL, steps: int = 357, topi
     from collections import Counter
     from dataclasses import replace
 
-    from moekit.apps.demo import FULL, base_config, prepare_corpus
+    from moekit.apps.presets import FULL, base_config, prepare_corpus
     from moekit.convert import refactor, tune
     from moekit.train import TrainConfig, Trainer
 

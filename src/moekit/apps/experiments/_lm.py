@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.apps.demo import FULL, QUICK, DemoSettings, base_config, prepare_corpus
+from moekit.apps.presets import FULL, QUICK, DemoSettings, base_config, prepare_corpus
 from moekit.layer import MoE
 from moekit.models import GPT, GPTConfig
 from moekit.train import TrainConfig, Trainer, evaluate

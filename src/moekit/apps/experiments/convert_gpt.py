@@ -90,7 +90,7 @@ def run(out: str | os.PathLike = "runs/experiments/convert-gpt", seeds: int = 1,
         s = replace(s, vocab_size=2048, n_layers=2, seq_len=64)
     pre_steps, ft_steps, ft_lr = (30, 16, 3e-4) if quick else (200, 100, 3e-4)
     router_steps = 4 if quick else 30
-    from moekit.apps.demo import prepare_corpus
+    from moekit.apps.presets import prepare_corpus
 
     train, val, tok = prepare_corpus(s, None, console)
     eval_chunks = 48 if quick else 256
