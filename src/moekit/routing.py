@@ -38,6 +38,9 @@ class Routing:
         logits: optional ``[T, E]`` router logits (fp32), for statistics and replay.
         dropped: number of assignments removed by a capacity limit.
         requested: number of assignments the router wanted before any drop (``T * k`` for top-k).
+        k_per_token: optional ``[T]`` int64, each token's number of experts when it varies by token
+            (DA-MoE's dynamic k).
+        importance: optional ``[T]`` per-token importance the routing was computed from (DA-MoE).
     """
 
     token: Tensor
@@ -49,6 +52,8 @@ class Routing:
     logits: Tensor | None = None
     dropped: int = 0
     requested: int | None = None
+    k_per_token: Tensor | None = None
+    importance: Tensor | None = None
 
     @property
     def num_assignments(self) -> int:

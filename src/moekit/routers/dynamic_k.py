@@ -103,8 +103,7 @@ class DynamicK(LinearRouter):
         weights = torch.softmax(top_l.masked_fill(~keep, float("-inf")), dim=-1)
         token = torch.arange(T, device=x_TD.device).unsqueeze(-1).expand_as(top_i)[keep]
         routing = Routing(token=token, expert=top_i[keep], weight=weights[keep], num_tokens=T, num_experts=E,
-                          logits=logits, requested=int(k.sum()))
-        routing.k_per_token, routing.importance = k, importance
+                          logits=logits, requested=int(k.sum()), k_per_token=k, importance=importance)
         if self.training and T:
             probs = torch.softmax(logits, dim=-1)
             if self.balance:

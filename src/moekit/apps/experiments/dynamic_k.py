@@ -33,7 +33,7 @@ def k_vs_importance(model, val, s, chunks: int = 32) -> list[dict]:
     model(x)
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, MoE) and hasattr(m.last_routing, "k_per_token"):
+        if isinstance(m, MoE) and m.last_routing.k_per_token is not None:
             out.append({"layer": name, "importance": m.last_routing.importance.tolist(),
                         "k": m.last_routing.k_per_token.tolist()})
     return out
