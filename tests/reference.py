@@ -79,3 +79,11 @@ def reference_topk(logits_TE: torch.Tensor, k: int, renormalize: bool, capacity_
 def dense_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     g, u = F.linear(x, w_gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(g) * u, w_down)
+
+
+def identity_router(router, E):
+    """Bind a linear router to d_model = E with the identity weight: its logits are the input."""
+    router.bind(E, E)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))
+    return router
