@@ -1,0 +1,138 @@
+"""The slot expert-compression methods take: a base class, a registry, and the driver that applies a
+method to every MoE layer of a model.
+
+A method (merging, pruning, mixed precision...) is one file that subclasses
+:class:`CompressionMethod` and registers it::
+
+    @register_compression("drop-unused")
+    class DropUnused(CompressionMethod):
+        '''Remove the experts no calibration token was routed to.'''
+
+        def compress_layer(self, moe, stats):
+            keep = (stats.tokens > 0).nonzero().flatten()
+            ...
+            return smaller_moe
+
+What a method implements:
+
+- ``__init__(**settings)``: its hyper-parameters (keep them JSON-serialisable: they are recorded).
+- ``compress_layer(moe, stats) -> nn.Module``: given one :class:`moekit.MoE` and the statistics
+  the driver gathered on the calibration data (:class:`ExpertStats`: per-expert routed tokens and
+  gate mass), return the module that replaces it (the same ``[..., D] -> [..., D]`` contract);
+  return ``moe`` itself to leave the layer unchanged. Never change the input layer in place.
+
+The driver :func:`compress` runs the calibration batches once through the model with the
+statistics hooks on, then calls the method layer by layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit.layer import MoE
+
+__all__ = ["CompressionMethod", "ExpertStats", "available_compressions", "build_compression", "compress",
+           "gather_stats", "register_compression"]
+
+
+@dataclass
+class ExpertStats:
+    """What the calibration data did in one MoE layer: ``tokens[E]`` assignments routed to each
+    expert (non-zero weight), ``gate[E]`` the sum of their combine weights, ``num_tokens`` tokens seen."""
+
+    tokens: Tensor
+    gate: Tensor
+    num_tokens: int = 0
+
+    @classmethod
+    def empty(cls, num_experts: int) -> ExpertStats:
+        return cls(torch.zeros(num_experts, dtype=torch.long), torch.zeros(num_experts, dtype=torch.float64))
+
+    def add(self, moe: MoE) -> None:
+        """Count the routing of ``moe``'s last forward."""
+        r = moe.last_routing
+        used = r.weight.detach() != 0
+        E = self.tokens.numel()
+        self.tokens += torch.bincount(r.expert[used].cpu(), minlength=E)
+        self.gate += torch.zeros(E, dtype=torch.float64).index_add_(0, r.expert[used].cpu(),
+                                                                    r.weight.detach()[used].double().cpu())
+        self.num_tokens += r.num_tokens
+
+
+class CompressionMethod:
+    """Base class of expert-compression methods; see the module docstring for the contract."""
+
+    #: the registered name (set by :func:`register_compression`)
+    name: str = ""
+
+    def __init__(self, **settings) -> None:
+        self.settings = settings
+
+    def compress_layer(self, moe: MoE, stats: ExpertStats) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement compress_layer(moe, stats)")
+
+
+_METHODS: dict[str, type[CompressionMethod]] = {}
+
+
+def register_compression(name: str):
+    """Class decorator: make a :class:`CompressionMethod` buildable by ``name``."""
+
+    def deco(cls: type[CompressionMethod]) -> type[CompressionMethod]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"compression method {name!r} is already registered to {_METHODS[name].__name__}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def available_compressions() -> list[str]:
+    return sorted(_METHODS)
+
+
+def build_compression(name: str, **settings) -> CompressionMethod:
+    if name not in _METHODS:
+        raise ValueError(f"compression: unknown method {name!r}; valid methods are {available_compressions()}")
+    return _METHODS[name](**settings)
+
+
+@torch.no_grad()
+def gather_stats(model: nn.Module, batches: Iterable, run: Callable[[nn.Module, object], object] | None = None
+                 ) -> dict[str, ExpertStats]:
+    """Per MoE layer (by module name), the routing statistics of ``batches`` run through ``model``
+    (``run(model, batch)``; default ``model(batch)``), in eval mode."""
+    moes = {n: m for n, m in model.named_modules() if isinstance(m, MoE)}
+    stats = {n: ExpertStats.empty(m.num_experts) for n, m in moes.items()}
+    hooks = [m.register_forward_hook(lambda mod, _a, _o, n=n: stats[n].add(mod)) for n, m in moes.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            (run or (lambda m, b: m(b)))(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return stats
+
+
+def compress(model: nn.Module, method: CompressionMethod | str, batches: Iterable,
+             run: Callable[[nn.Module, object], object] | None = None, **settings) -> nn.Module:
+    """Compress every MoE layer of ``model`` in place with ``method`` (an instance, or a registered
+    name plus its ``settings``), from the statistics of the calibration ``batches``; returns the model."""
+    if isinstance(method, str):
+        method = build_compression(method, **settings)
+    elif settings:
+        raise ValueError(f"compress: settings {sorted(settings)} given with a method instance")
+    stats = gather_stats(model, batches, run)
+    for name, st in stats.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, method.compress_layer(owner.get_submodule(child), st))
+    return model
