@@ -137,3 +137,45 @@ def test_library_imports_inside_functions_have_a_reason():
     assert hidden == []
     stale = [k for k in DEFERRED if not any(t == k[1] and d for t, _, d in graph.get(k[0], ()))]
     assert stale == []
+
+
+def _library_files() -> list[Path]:
+    return sorted(p for p in (SRC / "moekit").rglob("*.py") if "apps" not in p.relative_to(SRC).parts)
+
+
+def test_no_library_function_is_longer_than_80_lines():
+    long = []
+    for p in _library_files():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{p.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
+
+
+def _code_lines(p: Path) -> list[tuple[int, str]]:
+    """``(line number, stripped text)`` of the lines that carry code: no blank lines, comments,
+    docstrings, imports or lone closing brackets."""
+    text = p.read_text()
+    prose = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            prose.update(range(node.lineno, node.end_lineno + 1))
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if i not in prose and s and not s.startswith(("#", "import ", "from ")) and s.strip(")]}:,") != "":
+            out.append((i, s))
+    return out
+
+
+def test_no_block_of_six_lines_is_repeated_in_the_library():
+    seen: dict[tuple[str, ...], tuple[Path, int]] = {}
+    repeated = []
+    for p in _library_files():
+        lines = _code_lines(p)
+        for j in range(len(lines) - 5):
+            key = tuple(s for _, s in lines[j : j + 6])
+            first = seen.setdefault(key, (p, j))
+            if first[0] != p or j - first[1] >= 6:  # not the same window, nor one overlapping it
+                repeated.append(f"{p.relative_to(SRC)}:{lines[j][0]} repeats {first[0].relative_to(SRC)}")
+    assert repeated == []

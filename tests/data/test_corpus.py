@@ -1,10 +1,10 @@
+"""The corpus: the bundled Wikipedia summaries (languages, topics, deterministic splits) and user text."""
+
 import json
 
 import pytest
-import torch
 
-from moekit.data import TokenStream, by_split, load_text, load_wiki, split_of, train_tokenizer
-from moekit.data.corpus import Document
+from moekit.data import by_split, load_text, load_wiki, split_of
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +61,3 @@ def test_user_text_errors_name_the_file(tmp_path):
         load_text(tmp_path / "d")
 
 
-def test_tokenizer_cache_hit_and_miss(tmp_path):
-    texts = ["the cat sat on the mat " * 20, "le chat est sur le tapis " * 20]
-    tok, hit = train_tokenizer(texts, 300, cache_dir=tmp_path)
-    assert not hit and tok.get_vocab_size() <= 300
-    again, hit = train_tokenizer(texts, 300, cache_dir=tmp_path)
-    assert hit and again.to_str() == tok.to_str()
-    _, hit = train_tokenizer(texts + ["new text"], 300, cache_dir=tmp_path)
-    assert not hit
-    _, hit = train_tokenizer(texts, 280, cache_dir=tmp_path)
-    assert not hit
-    assert tok.decode(tok.encode("the cat").ids) == "the cat"
-
-
-def test_token_stream_batches_are_a_function_of_the_step(tmp_path):
-    tok, _ = train_tokenizer(["abc def ghi " * 50], 280, cache_dir=tmp_path)
-    docs = [Document("abc def ghi " * 30, f"d{i}", "en", "t") for i in range(4)]
-    s = TokenStream.from_documents(docs, tok)
-    x1, y1 = s.batch(7, 4, 16, seed=1)
-    x2, y2 = s.batch(7, 4, 16, seed=1)
-    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
-    assert not torch.equal(s.batch(8, 4, 16, seed=1)[0], x1)
-    with pytest.raises(ValueError, match="too small for seq_len=100000"):
-        s.check_fits(100_000, "training data")
-    x, y, d = s.chunks(16, max_chunks=3)
-    assert x.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1]) and d.max() < 4
