@@ -45,7 +45,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 4 and sys.argv[4] == "no-exchange":
         import moekit.io
 
-        moekit.io._exchange = lambda a, b: False
+        moekit.io.folders._exchange = lambda a, b: False
     from moekit.io import fault_hook
 
     with fault_hook(kill):
