@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Layers, bottom to top: a module may import its own layer or a lower one. The longest prefix wins.
 LAYERS = [
-    ("contract", ("moekit.routing", "moekit.io", "moekit._checks", "moekit.ops")),
+    ("contract", ("moekit.routing", "moekit.registry", "moekit.io", "moekit._checks", "moekit.ops")),
     ("routers", ("moekit.routers",)),
     ("dispatch and experts", ("moekit.dispatch", "moekit.experts")),
     ("layer", ("moekit.layer",)),

@@ -1,10 +1,21 @@
+"""The ``moekit`` command line (moekit/apps/cli): the parser assembled from the table of subcommands
+and the outcome of a run, then each subcommand module in its own section. The error paths of every
+subcommand are in test_cli_errors.py."""
+
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
-from moekit.apps.cli.main import main
+from moekit.apps.cli.command import Command, Group
+from moekit.apps.cli.experiment import EXPERIMENTS
+from moekit.apps.cli.generate import direct_rule
+from moekit.apps.cli.main import COMMANDS, build_parser, main
+from moekit.offload import available_policies
+
+# ----------------------------------------------------------------------------------- main: parser and outcome
 
 
 def test_help_lists_subcommands(capsys):
@@ -23,9 +34,103 @@ def test_each_subcommand_has_help(argv, capsys):
     assert "usage: moekit" in capsys.readouterr().out
 
 
+def _table_paths(commands, prefix=()):
+    for name, command in commands.items():
+        yield (*prefix, name)
+        if isinstance(command, Group):
+            yield from _table_paths(command.commands, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", list(_table_paths(COMMANDS)), ids=" ".join)
+def test_every_command_in_the_table_has_help(path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*path, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: moekit {' '.join(path)} ") and "--debug" in out
+    command = COMMANDS[path[0]] if len(path) == 1 else COMMANDS[path[0]].commands[path[1]]
+    description = getattr(command, "description", None)  # a group has none
+    if description:
+        assert description.split()[0] in out
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_the_parser_holds_the_table_in_order():
+    top = _subcommands(build_parser())
+    assert list(top) == list(COMMANDS)
+    assert list(_subcommands(top["bench"])) == list(COMMANDS["bench"].commands)
+
+
+def _failing(error: BaseException | None):
+    def run(args: argparse.Namespace) -> None:
+        if error is not None:
+            raise error
+
+    return run
+
+
+@pytest.mark.parametrize("error,code,message", [
+    (None, 0, None),
+    (ValueError("--size 3: too\n  big"), 1, "moekit toy: error: --size 3: too big"),
+    (FileNotFoundError("no such file"), 1, "moekit toy: error: no such file"),
+    (RuntimeError("oops"), 1, "moekit toy: error: RuntimeError: oops"),
+    (KeyboardInterrupt(), 130, "moekit toy: interrupted"),
+])
+def test_a_command_is_one_table_line_and_its_outcome_one_exit_status(error, code, message, monkeypatch, capsys):
+    toy = Command(help="a toy", add_arguments=lambda p: p.add_argument("--size", type=int, default=1),
+                  run=_failing(error))
+    monkeypatch.setitem(COMMANDS, "toy", toy)
+    assert main(["toy", "--size", "3"]) == code
+    err = capsys.readouterr().err
+    assert (err == "") if message is None else err.splitlines()[0] == message
+    if isinstance(error, RuntimeError):
+        assert "run again with --debug" in err
+    if error is not None:
+        with pytest.raises(type(error)):
+            main(["toy", "--debug"])
+
+
+def test_console_entry_point():
+    r = subprocess.run([sys.executable, "-m", "moekit", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: moekit" in r.stdout
+
+
+# ----------------------------------------------------------------------------------- info
+
+
 def test_info_runs(capsys):
     assert main(["info"]) == 0
     assert "topk" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------- generate
+
+
+def test_direct_rule_takes_a_positive_k_or_cost():
+    assert direct_rule("cost") == "cost" and direct_rule("3") == 3
+    for bad in ("0", "-2", "1.5", "costs"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected an int K >= 1 or 'cost'"):
+            direct_rule(bad)
+
+
+def test_generate_offers_the_policies_usable_without_lookahead():
+    gen = _subcommands(build_parser())["generate"]
+    policy = next(a for a in gen._actions if a.dest == "policy")
+    assert list(policy.choices) == available_policies(online=True) and "belady" not in policy.choices
+
+
+# ----------------------------------------------------------------------------------- experiment
+
+
+def test_every_experiment_runs_and_reports():
+    for name, module in EXPERIMENTS.items():
+        assert callable(module.run) and callable(module.report_markdown), name
+
+
+# ----------------------------------------------------------------------------------- bench layer, bench mole
 
 
 def test_bench_layer_quick_writes_json(tmp_path):
@@ -37,11 +142,6 @@ def test_bench_layer_quick_writes_json(tmp_path):
     assert {"dense (equal active)", "moekit", "HF Mixtral eager"} <= set(row["impls"])
     assert row["ratios"]["forward_vs_dense"] > 0
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
-
-
-def test_console_entry_point():
-    r = subprocess.run([sys.executable, "-m", "moekit", "--help"], capture_output=True, text=True, check=True)
-    assert "usage: moekit" in r.stdout
 
 
 def test_bench_mole_quick_writes_json(tmp_path):

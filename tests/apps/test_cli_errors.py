@@ -11,7 +11,7 @@ import torch
 
 from moekit.apps.cli.main import main
 from moekit.models import GPT, GPTConfig
-from tests.faults import flip_byte
+from tests.faults import flip_byte, resign
 
 
 def _usage_error(argv, capsys) -> str:
@@ -61,7 +61,7 @@ def test_names_are_checked_before_any_slow_work(tmp_path, monkeypatch, capsys):
         raise AssertionError("slow work started before the names were checked")
 
     monkeypatch.setattr("moekit.apps.cli.train.load_corpus", slow)
-    monkeypatch.setattr("moekit.apps.demo.prepare_corpus", slow)
+    monkeypatch.setattr("moekit.apps.demo.run.prepare_corpus", slow)
     monkeypatch.setattr("moekit.apps.cli.convert._load_model", slow)
     line = _error(["train", "--out", str(tmp_path / "r"), "--ffn", "moe", "--router", "top2"], capsys)
     assert "--router 'top2': unknown; valid names are [" in line
@@ -196,3 +196,36 @@ def test_a_damaged_model_is_one_line(tmp_path, capsys):
     assert "none.json does not exist" in line
     line = _error(["convert", "--method", "prune", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")], capsys)
     assert "model.safetensors: checksum mismatch" in line and "save or train the model again" in line
+
+
+# ----------------------------------------------------------------------------------- train: resume and data
+
+
+def _train_args(data, out, *extra):
+    return ["train", "--data", str(data), "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--eval-every", "2",
+            "--vocab", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--seq-len", "16",
+            "--batch-size", "2", "--warmup", "1", "--no-progress", *extra]
+
+
+def test_cli_train_resume_and_tokenizer_mismatch(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(f"paragraph {i}: the cat sat on the mat and looked around." for i in range(300)),
+                    encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(_train_args(data, out, "--ffn", "moe", "--experts", "4")) == 0
+    assert (out / "model" / "model.safetensors").exists() and (out / "checkpoints" / "latest").exists()
+    assert main(_train_args(data, out, "--resume")) == 0  # already at its last step: nothing lost, no error
+    from moekit.data import train_tokenizer
+
+    other, _ = train_tokenizer(["completely different text " * 40], 280, cache_dir=tmp_path / "tok")
+    (out / "tokenizer.json").write_text(other.to_str())
+    assert main(_train_args(data, out, "--resume")) == 1  # replaced by hand: its checksum no longer matches
+    assert "tokenizer.json: " in capsys.readouterr().err
+    resign(out)  # and behind the checksum, the vocabulary is checked
+    assert main(_train_args(data, out, "--resume")) == 1
+    assert re.search("vocab_size=.*resume with the tokenizer the run was started with", capsys.readouterr().err)
+
+
+def test_cli_train_missing_data(tmp_path, capsys):
+    assert main(_train_args(tmp_path / "missing.txt", tmp_path / "run")) == 1
+    assert "no such file" in capsys.readouterr().err

@@ -1,55 +1,144 @@
-"""Dense -> MoE by channels (moekit/convert/partition.py): DSMoE's partition (papers.md §4.2),
-clustering, upcycling and pruning. Expected weights, channel sets and outputs are computed here from
-the dense model's own tensors, never by the code under test."""
+"""DSMoE's partition (moekit/convert/partition.py, papers.md §4.2): experts are the dense FFN's channel
+blocks or clusters, exact with every expert on, on tiny random models of every supported family.
+Expected weights and outputs are computed here from the dense model's own tensors."""
+
+import re
 
 import pytest
 import torch
 
+import moekit
 from moekit import FFN, MoE, Routing
-from moekit.convert import moe_from_ffn, partition_ffn
-from moekit.convert.partition import (
-    cluster_groups,
-    contiguous_groups,
-    partition,
-    partition_gpt,
-    prune,
-    upcycle,
+from moekit.convert import active_fraction, contiguous_groups, moe_from_ffn, partition, partition_ffn
+from moekit.convert.partition import partition_gpt
+from moekit.routers import SigmoidSTE, TopK
+from tests.convert.models import (
+    D_FF,
+    DFF,
+    FAMILIES,
+    D,
+    _calibration,
+    _dense,
+    _every,
+    _expert_slices,
+    _force_all_on,
+    _gpt,
+    _gpt_calibration,
+    _hidden,
+    _ids,
+    _loss,
+    _max_diff,
+    _moes,
+    _out,
+    _state,
 )
-from moekit.models import GPT, GPTConfig
-
-D, DFF, V = 16, 32, 50
 
 
-def _gpt(seed=0, n_layers=2):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=V, d_model=D, n_layers=n_layers, n_heads=2, max_seq_len=16, d_ff=DFF)).eval()
+@pytest.mark.parametrize("grouping,features", [("contiguous", "weights"), ("cluster", "weights"),
+                                               ("cluster", "activations")])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_partition_with_every_expert_on_equals_the_dense_model(family, grouping, features, monkeypatch):
+    dense = _dense(family)
+    before = _state(dense)
+    ids = _ids()
+    ref = _out(dense, ids)
+    calib = _calibration() if features == "activations" else None
+    moe = partition(dense, 4, grouping=grouping, features=features, calibration=calib).eval()
+
+    # the input model is untouched, the copy has one 4-expert MoE per layer with the default router
+    assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
+    assert not _moes(dense)
+    moes = _moes(moe)
+    assert len(moes) == 2
+    assert all(m.num_experts == 4 and m.d_ff == D_FF[family] // 4 and isinstance(m.gate, SigmoidSTE) for m in moes)
+
+    # every layer's groups are a partition of the hidden channels into equal sets
+    info = moe.moekit_convert
+    assert info["method"] == "partition" and info["settings"]["grouping"] == grouping
+    for spec in info["layers"]:
+        groups = torch.tensor(spec["groups"])
+        assert groups.shape == (4, D_FF[family] // 4)
+        assert torch.equal(groups.flatten().sort().values, torch.arange(D_FF[family]))
+        if grouping == "contiguous":
+            assert torch.equal(groups, contiguous_groups(D_FF[family], 4))
+
+    _force_all_on(moe, monkeypatch)
+    with torch.no_grad():
+        out = _out(moe, ids)
+    assert _max_diff(out, ref) <= 1e-5
+    assert active_fraction(moe) == 1.0
 
 
-def _every(T, E, dtype=torch.float32):
-    return Routing(torch.arange(T).repeat_interleave(E), torch.arange(E).repeat(T), torch.ones(T * E, dtype=dtype), T, E)
+def test_partition_clusters_differ_from_blocks_and_follow_the_seed():
+    dense = _dense("llama")
+    a = partition(dense, 4, grouping="cluster", seed=0).moekit_convert["layers"][0]["groups"]
+    b = partition(dense, 4, grouping="cluster", seed=0).moekit_convert["layers"][0]["groups"]
+    assert a == b
+    assert a != contiguous_groups(64, 4).tolist()  # random weights: clusters are not the contiguous blocks
 
 
-def _hidden(ffn: FFN, x):
-    """silu(x Wg^T) * (x Wu^T) in float64, from the dense FFN's weights."""
-    x = x.double()
-    g = x @ ffn.gate_proj.weight.detach().double().T
-    u = x @ ffn.up_proj.weight.detach().double().T
-    return g * torch.sigmoid(g) * u
+def test_partition_in_float64_is_exact(monkeypatch):
+    dense = _dense("gpt2").double()
+    ids = _ids()
+    ref = _out(dense, ids)
+    moe = partition(dense, 8, router="topk", router_args={"k": 2}).eval()
+    assert {p.dtype for p in moe.parameters()} == {torch.float64}
+    _force_all_on(moe, monkeypatch)
+    with torch.no_grad():
+        assert _max_diff(_out(moe, ids), ref) <= 1e-10
 
 
-def _expert_slices(moe: MoE, e: int):
-    f = moe.experts.d_ff
-    w1 = moe.experts.gate_up_proj[e]
-    return w1[:f], w1[f:], moe.experts.down_proj[e]  # gate rows, up rows, down columns
+def test_partition_router_settings_reach_every_layer():
+    moe = partition(_dense("qwen2"), 2, router="topk", router_args={"k": 1})
+    assert all(isinstance(m.gate, TopK) and m.gate.k == 1 for m in _moes(moe))
+    assert moe.moekit_convert["settings"]["router_args"] == {"k": 1}
+    gpt = partition(_dense("gpt"), 2, router="topk", router_args={"k": 1})
+    assert gpt.config.layer_ffn(1) == {"kind": "moe", "num_experts": 2, "d_ff": 32, "router": "topk",
+                                       "router_args": {"k": 1}, "activation": "swiglu", "bias": False,
+                                       "out_bias": False}
+    assert gpt.config.extra["convert"]["method"] == "partition"
 
 
-# ----------------------------------------------------------------------------------- contiguous blocks
+@pytest.mark.parametrize("family", FAMILIES)
+def test_partitioned_model_trains_with_the_sparsity_loss(family):
+    moe = partition(_dense(family), 4).train()
+    ids = _ids(4, 12)
+    loss = _loss(moe, ids)
+    aux = moekit.aux_loss(moe)
+    moes = _moes(moe)
+    assert all(set(m.last_routing.losses) == {"sparsity"} for m in moes)
+    torch.testing.assert_close(aux, sum(m.last_routing.losses["sparsity"] for m in moes))
+    assert aux.item() > 0
+    (loss + aux).backward()
+    for m in moes:
+        assert m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0
+        assert m.experts.first_proj.grad is not None and m.experts.first_proj.grad.abs().sum() > 0
+    opt = torch.optim.SGD(moe.parameters(), lr=0.1)
+    router_before = moes[0].gate.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(moes[0].gate.weight, router_before)
+    assert torch.isfinite(_loss(moe, ids))
 
 
-@pytest.mark.parametrize(("F", "E"), [(32, 1), (32, 4), (32, 8), (12, 3)])
-def test_contiguous_groups_are_the_blocks(F, E):
-    f = F // E
-    assert contiguous_groups(F, E).tolist() == [[e * f + j for j in range(f)] for e in range(E)]
+@pytest.mark.parametrize("family,E,valid", [("llama", 5, "[1, 2, 4, 8, 16, 32, 64]"),
+                                            ("gpt2", 3, "[1, 2, 4, 8, 16, 32, 64]"),
+                                            ("gpt", 0, "[1, 2, 4, 8, 16, 32, 64]")])
+def test_expert_count_must_divide_the_hidden_width(family, E, valid):
+    with pytest.raises(ValueError, match=f"num_experts={E} does not divide d_ff={D_FF[family]}; "
+                                         f"valid counts: {re.escape(valid)}"):
+        partition(_dense(family), E)
+
+
+def test_bad_partition_settings():
+    dense = _dense("gpt")
+    with pytest.raises(ValueError, match="grouping must be 'contiguous' or 'cluster', got 'random'"):
+        partition(dense, 2, grouping="random")
+    with pytest.raises(ValueError, match="features must be 'weights' or 'activations'"):
+        partition(dense, 2, grouping="cluster", features="gradients")
+    with pytest.raises(TypeError, match="pass the router by name"):
+        partition(dense, 2, router=TopK(k=1))
+    with pytest.raises(ValueError, match="layer 0 of the GPT is not a dense FFN"):
+        partition(partition(dense, 2), 2)
 
 
 @pytest.mark.parametrize("E", [2, 4, 8])
@@ -131,19 +220,11 @@ def test_partition_gpt_copies_everything_and_cuts_every_ffn():
         partition_gpt(dense, 3, "topk")
 
 
-# ----------------------------------------------------------------------------------- clustered grouping
-
-
-def _calibration(n=48, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, (n, 16), generator=g)
-
-
 @pytest.mark.parametrize("features", ["weights", "activations"])
 def test_cluster_grouping_is_a_balanced_permutation_and_exact(features):
     dense = _gpt()
     E, f = 4, DFF // 4
-    moe = partition(dense, E, grouping="cluster", features=features, calibration=_calibration())
+    moe = partition(dense, E, grouping="cluster", features=features, calibration=_gpt_calibration())
     x = torch.randn(5, D)
     for i, (db, mb) in enumerate(zip(dense.blocks, moe.blocks)):
         groups = moe.moekit_convert["layers"][i]["groups"]
@@ -156,135 +237,3 @@ def test_cluster_grouping_is_a_balanced_permutation_and_exact(features):
             assert torch.equal(up, db.ffn.up_proj.weight[g])
             assert torch.equal(down, db.ffn.down_proj.weight[:, g])
         torch.testing.assert_close(mb.ffn(x, routing=_every(5, E)), db.ffn(x), atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cluster_groups_recovers_planted_clusters(seed):
-    """4 orthogonal directions, 6 channels each (small noise), shuffled: the balanced clusters are
-    exactly the planted sets."""
-    g = torch.Generator().manual_seed(seed)
-    E, size, k = 4, 6, 8
-    centers = torch.eye(k)[:E] * 5
-    labels = torch.arange(E).repeat_interleave(size)[torch.randperm(E * size, generator=g)]
-    feats = centers[labels] + 0.3 * torch.randn(E * size, k, generator=g)
-    groups = cluster_groups(feats, E, seed=seed)
-    assert groups.shape == (E, size)
-    assert sorted(map(sorted, groups.tolist())) == sorted(sorted(torch.nonzero(labels == e).squeeze(1).tolist())
-                                                          for e in range(E))
-    assert all(row == sorted(row) for row in groups.tolist())
-
-
-def test_cluster_groups_stays_balanced_on_unbalanced_clusters():
-    """12 channels along one direction, 4 along another, E = 2: equal sizes all the same."""
-    g = torch.Generator().manual_seed(0)
-    feats = torch.cat([torch.tensor([[5.0, 0.0]]).repeat(12, 1), torch.tensor([[0.0, 5.0]]).repeat(4, 1)])
-    feats = feats + 0.1 * torch.randn(16, 2, generator=g)
-    groups = cluster_groups(feats, 2)
-    assert [len(r) for r in groups.tolist()] == [8, 8]
-    assert sorted(groups.flatten().tolist()) == list(range(16))
-    # the small cluster (channels 12..15) lies whole in one expert
-    assert any(set(range(12, 16)) <= set(r) for r in groups.tolist())
-
-
-# ----------------------------------------------------------------------------------- upcycle
-
-
-def test_upcycle_copies_the_ffn_into_every_expert_and_equals_dense():
-    dense = _gpt()
-    E = 4
-    up = upcycle(dense, E, k=2).eval()
-    x = torch.randn(6, D)
-    for db, ub in zip(dense.blocks, up.blocks):
-        assert ub.ffn.num_experts == E and ub.ffn.d_ff == DFF
-        for e in range(E):
-            gate, upw, down = _expert_slices(ub.ffn, e)
-            assert torch.equal(gate, db.ffn.gate_proj.weight)
-            assert torch.equal(upw, db.ffn.up_proj.weight)
-            assert torch.equal(down, db.ffn.down_proj.weight)
-        want = _hidden(db.ffn, x) @ db.ffn.down_proj.weight.detach().double().T
-        torch.testing.assert_close(ub.ffn(x).double(), want, rtol=1e-5, atol=1e-6)  # TopK renormalised: sum w = 1
-    ids = _calibration(4)
-    torch.testing.assert_close(up(ids), dense(ids), rtol=1e-5, atol=1e-5)
-
-
-def test_upcycle_expert_width_takes_the_first_channels():
-    dense = _gpt()
-    up = upcycle(dense, 3, k=1, expert_d_ff=16)
-    for db, ub in zip(dense.blocks, up.blocks):
-        for e in range(3):
-            gate, upw, down = _expert_slices(ub.ffn, e)
-            assert torch.equal(gate, db.ffn.gate_proj.weight[:16])
-            assert torch.equal(upw, db.ffn.up_proj.weight[:16])
-            assert torch.equal(down, db.ffn.down_proj.weight[:, :16])
-
-
-# ----------------------------------------------------------------------------------- prune
-
-
-def _mean_abs_hidden(dense: GPT, ids) -> list:
-    """Per layer: mean over every calibration token of |silu(x Wg) * x Wu| per hidden channel, from the
-    FFN's input (captured with a pre-hook) and the dense weights."""
-    inputs = {i: [] for i in range(len(dense.blocks))}
-    hooks = [b.ffn.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].reshape(-1, D)))
-             for i, b in enumerate(dense.blocks)]
-    with torch.no_grad():
-        dense(ids)
-    for h in hooks:
-        h.remove()
-    return [_hidden(b.ffn, torch.cat(inputs[i])).abs().mean(0) for i, b in enumerate(dense.blocks)]
-
-
-@pytest.mark.parametrize("keep", [0.25, 0.5])
-def test_prune_keeps_the_channels_with_the_largest_mean_activation(keep):
-    dense = _gpt(seed=3)
-    ids = _calibration()
-    scores = _mean_abs_hidden(dense, ids)
-    pruned = prune(dense, keep, calibration=ids)
-    n = round(keep * DFF)
-    x = torch.randn(5, D)
-    for i, (db, pb) in enumerate(zip(dense.blocks, pruned.blocks)):
-        order = torch.argsort(scores[i], descending=True)
-        s = scores[i][order]
-        assert float(s[n - 1] - s[n]) > 1e-6 * float(s[0])  # no near-tie at the cut: the set is well defined
-        want = sorted(order[:n].tolist())
-        assert pruned.moekit_convert["layers"][i]["channels"] == want
-        ffn = pb.ffn
-        assert isinstance(ffn, FFN) and ffn.up_proj.out_features == n
-        assert torch.equal(ffn.gate_proj.weight, db.ffn.gate_proj.weight[want])
-        assert torch.equal(ffn.up_proj.weight, db.ffn.up_proj.weight[want])
-        assert torch.equal(ffn.down_proj.weight, db.ffn.down_proj.weight[:, want])
-        # = the dense FFN with the dropped channels zeroed
-        mask = torch.zeros(DFF, dtype=torch.float64)
-        mask[want] = 1
-        torch.testing.assert_close(ffn(x).double(), (_hidden(db.ffn, x) * mask) @ db.ffn.down_proj.weight.detach().double().T,
-                                   rtol=1e-5, atol=1e-6)
-
-
-def test_prune_without_calibration_keeps_the_largest_weight_product():
-    dense = _gpt(seed=4)
-    pruned = prune(dense, 0.25)
-    for i, db in enumerate(dense.blocks):
-        w = db.ffn.requires_grad_(False)
-        score = [float(w.up_proj.weight[c].norm() * w.down_proj.weight[:, c].norm() * w.gate_proj.weight[c].norm())
-                 for c in range(DFF)]
-        want = sorted(sorted(range(DFF), key=lambda c: -score[c])[:8])
-        assert pruned.moekit_convert["layers"][i]["channels"] == want
-
-
-def test_prune_keep_one_is_the_dense_model():
-    dense = _gpt()
-    ids = _calibration(4)
-    full = prune(dense, 1.0, calibration=_calibration())
-    torch.testing.assert_close(full(ids), dense(ids), rtol=1e-5, atol=1e-5)
-    assert all(ly["channels"] == list(range(DFF)) for ly in full.moekit_convert["layers"])
-
-
-def test_conversions_leave_the_input_model_untouched():
-    dense = _gpt()
-    before = {k: v.clone() for k, v in dense.state_dict().items()}
-    partition(dense, 4)
-    upcycle(dense, 2)
-    prune(dense, 0.5, calibration=_calibration())
-    after = dense.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(isinstance(b.ffn, FFN) for b in dense.blocks)

@@ -1,5 +1,5 @@
-"""MoLE: train form against an independent oracle of the paper's equation; table bytes, int8 and NF4 against
-hand-worked values (QLoRA's published levels); re-parameterised tables exact; bad input."""
+"""MoLE: train form against an independent oracle of the paper's equation (moekit.models.mole.train); the
+re-parameterised tables (moekit.models.mole.reparam): their bytes, exact logits, quantized sizes; bad input."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moekit.models import GPT, GPTConfig
-from moekit.models.mole import MANIFEST, TABLE, LookupTable, MoLE, reparameterize
+from moekit.models.mole import MANIFEST, TABLE, MoLE, reparameterize
 
 
 def _model(layers=2, seed=0):
@@ -153,73 +153,6 @@ def test_table_bytes_follow_the_V_L_N_D_layout(tmp_path, dtype, np_dtype, tol):
                 torch.testing.assert_close(torch.from_numpy(got.astype(np.float64)), want, atol=tol, rtol=tol)
 
 
-def test_int8_absmax_per_row_hand_worked():
-    """Row scale = absmax / 127 (stored fp16 after the codes), code = round-to-nearest(x / scale)."""
-    from moekit.models.mole import dequantize, quantize
-
-    x = torch.tensor([[[[127 / 128, -0.5, 1.4 / 128, -1.6 / 128], [-2.0, 0.5, 0.3, 0.0]]]])  # [b=1, L=1, N=2, D=4]
-    # row 0: scale 1/128, x / scale = 127, -64, 1.4, -1.6; row 1: scale 2/127, x / scale = -127, 31.75, 19.05, 0
-    codes = np.array([127, -64, 1, -2, -127, 32, 19, 0], dtype=np.int8)
-    scales = np.array([1 / 128, 2 / 127], dtype="<f2")
-    rec = quantize(x, "int8")
-    assert rec.dtype == np.uint8 and rec.shape == (1, 8 + 2 * 2)
-    assert rec.tobytes() == codes.tobytes() + scales.tobytes()
-    y = dequantize(rec, "int8", (1, 2, 4))
-    want = torch.from_numpy(codes.astype(np.float32)).view(2, 4) * torch.from_numpy(scales.astype(np.float32)).view(2, 1)
-    assert torch.equal(y.view(2, 4), want)
-
-
-# QLoRA's NormalFloat-4 levels as published (Dettmers et al. 2023, appendix; bitsandbytes get_4bit_type("nf4")).
-NF4_QLORA = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-]
-
-
-def test_nf4_levels_are_qloras():
-    from moekit.models.mole import NF4_LEVELS
-
-    assert torch.equal(NF4_LEVELS.float(), torch.tensor(NF4_QLORA))
-    # and they are what QLoRA derives: N(0, 1) quantiles at linspace(0.9677083, 0.5), 8 positive and
-    # 7 negative ones plus an exact zero, divided by the largest
-    off = 0.9677083
-    pos = torch.special.ndtri(torch.linspace(off, 0.5, 9)[:-1].double())
-    neg = -torch.special.ndtri(torch.linspace(off, 0.5, 8)[:-1].double())
-    v = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)]).sort().values
-    torch.testing.assert_close(torch.tensor(NF4_QLORA, dtype=torch.float64), v / v.max(), atol=1e-7, rtol=0)
-
-
-def test_nf4_codes_scales_and_nibble_order_hand_made():
-    """Two blocks of 64 with different absmax (2.0 and 0.5): each value takes the code of its nearest
-    published level, codes are packed two per byte with the FIRST value in the high nibble (bitsandbytes),
-    then one fp16 absmax per block follows; dequantize gives exactly level * absmax."""
-    from moekit.models.mole import dequantize, quantize
-
-    levels = torch.tensor(NF4_QLORA)
-    gen = torch.Generator().manual_seed(0)
-    codes0 = torch.cat([torch.tensor([15, 0, 7, 1]), torch.randint(0, 16, (60,), generator=gen)])
-    codes1 = torch.cat([torch.tensor([0, 15]), torch.randint(0, 16, (62,), generator=gen)])
-    block0 = 2.0 * levels[codes0]  # exactly on the levels
-    # block 1: 0.3 of the way to a neighbouring level (nearest is still the level itself); ±1 stay exact
-    step = torch.where(torch.arange(64) % 2 == 0, 1, -1)
-    nb = (codes1 + step).clamp(0, 15)
-    inner = (codes1 > 0) & (codes1 < 15)
-    block1 = 0.5 * torch.where(inner, levels[codes1] + 0.3 * (levels[nb] - levels[codes1]), levels[codes1])
-    x = torch.cat([block0, block1]).view(1, 1, 1, 128)
-    rec = quantize(x, "nf4")
-    assert rec.shape == (1, 64 + 2 * 2)
-    assert rec[0, 0] == 0xF0 and rec[0, 1] == 0x71  # codes 15, 0 | 7, 1: first value in the high nibble
-    c = torch.cat([codes0, codes1]).numpy().astype(np.uint8)
-    want = ((c[0::2] << 4) | c[1::2]).astype(np.uint8).tobytes() + np.array([2.0, 0.5], dtype="<f2").tobytes()
-    assert rec.tobytes() == want
-    y = dequantize(rec, "nf4", (1, 1, 128)).view(128)
-    assert torch.equal(y[:64], 2.0 * levels[codes0]) and torch.equal(y[64:], 0.5 * levels[codes1])
-    # the block is a parameter: block=32 stores one absmax per 32 values
-    assert quantize(x, "nf4", block=32).shape == (1, 64 + 4 * 2)
-
-
 def test_mole_needs_ids_and_embeddings():
     with pytest.raises(ValueError, match="needs token_ids"):
         MoLE(8, 8)(torch.randn(2, 8))
@@ -240,64 +173,6 @@ def test_reparameterized_logits_equal_train_form(tmp_path):
     assert manifest["bytes"] == 300 * 2 * 4 * 32 * 2 == (tmp_path / "fp16" / TABLE).stat().st_size
 
 
-def test_inference_fast_path_equals_plain_path_and_follows_weight_changes(tmp_path):
-    """Without autograd the router rides in the shared FFN's up projection; same logits, and a weight
-    changed in place (an optimizer step, load_state_dict) is picked up."""
-    model = _model()
-    inf = reparameterize(model, tmp_path / "t", dtype=torch.float32, progress=False).eval()
-    ids = torch.randint(0, 300, (2, 9))
-    plain = inf(ids)  # grad enabled: the plain path
-    with torch.no_grad():
-        torch.testing.assert_close(inf(ids), plain, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(inf(ids[:1, :1]), inf(ids)[:1, :1], atol=1e-5, rtol=1e-5)  # T=1 path
-        ffn = inf.blocks[1].ffn
-        ffn.router.weight.mul_(-3.0)
-        ffn.shared.up_proj.weight.add_(0.1)
-        fast = inf(ids)
-    torch.testing.assert_close(fast, inf(ids), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(fast, plain, atol=1e-3)
-
-
-def test_bytes_read_per_new_token_is_exact(tmp_path):
-    model = _model()
-    inf = reparameterize(model, tmp_path / "t", progress=False).eval()
-    table = inf.blocks[0].ffn.table
-    ids = torch.tensor([[5, 7, 5, 9, 7]])  # 3 unique ids
-    inf(ids)
-    assert table.bytes_per_token == 2 * 4 * 32 * 2  # layers x experts x d_model x bytes
-    assert table.bytes_read == 3 * table.bytes_per_token  # read once for all layers
-
-
-def test_table_for_another_model_truncated_or_missing(tmp_path):
-    model = _model()
-    reparameterize(model, tmp_path / "t", progress=False)
-    manifest = json.loads((tmp_path / "t" / MANIFEST).read_text())
-    LookupTable(tmp_path / "t", expect_hash=manifest["source_sha256"])
-    with pytest.raises(ValueError, match="built for other weights"):
-        LookupTable(tmp_path / "t", expect_hash="0" * 64)
-    data = (tmp_path / "t" / TABLE).read_bytes()
-    (tmp_path / "t" / TABLE).write_bytes(data[:-10])
-    with pytest.raises(ValueError, match=r"table.bin: 153,590 bytes, moekit.json records 153,600 \(truncated"):
-        LookupTable(tmp_path / "t")
-    (tmp_path / "t" / TABLE).unlink()
-    with pytest.raises(ValueError, match="missing"):
-        LookupTable(tmp_path / "t")
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
-        LookupTable(tmp_path / "nowhere")
-
-
-def test_token_id_outside_vocabulary_and_bad_dtype(tmp_path):
-    model = _model(layers=1)
-    inf = reparameterize(model, tmp_path / "t", progress=False)
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
-        inf.blocks[0].ffn.table.read(torch.tensor([3, 300]), 0)
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        reparameterize(model, tmp_path / "u", dtype=torch.int8, progress=False)
-    with pytest.raises(ValueError, match="no MoLE layer"):
-        reparameterize(GPT(GPTConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, d_ff=8)), tmp_path / "v")
-    assert np.dtype(inf.blocks[0].ffn.table.rows.dtype).itemsize == 2
-
-
 def test_mole_gpt_trains():
     model = _model()
     model.train()
@@ -311,18 +186,6 @@ def test_mole_gpt_trains():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 1.0
-
-
-@pytest.mark.parametrize("kind,rel", [("int8", 0.01), ("nf4", 0.12)])
-def test_quantize_round_trip(kind, rel):
-    from moekit.models.mole import dequantize, quantize
-
-    torch.manual_seed(0)
-    x = torch.randn(7, 2, 3, 128)
-    y = dequantize(quantize(x, kind), kind, (2, 3, 128))
-    assert float((y - x).norm() / x.norm()) < rel
-    if kind == "int8":  # absmax scaling reproduces each row's largest value exactly (to fp16)
-        torch.testing.assert_close(y.abs().amax(-1), x.abs().amax(-1), rtol=1e-3, atol=0)
 
 
 def test_quantized_tables_size_and_quality(tmp_path):
@@ -341,47 +204,3 @@ def test_quantized_tables_size_and_quality(tmp_path):
     assert 0.25 <= sizes["nf4"] / sizes[torch.float16] <= 0.32  # paper: NF4 at about 25% of fp16
     with pytest.raises(ValueError, match="block=24 must divide d_model=32"):
         reparameterize(model, tmp_path / "bad", dtype="nf4", block=24, progress=False)
-
-
-def test_ram_row_cache_respects_its_budget(tmp_path):
-    model = _model()
-    reparameterize(model, tmp_path / "t", progress=False)
-    plain = LookupTable(tmp_path / "t")
-    n = plain.bytes_per_token
-    table = LookupTable(tmp_path / "t", cache_bytes=2 * n + n // 2)  # room for 2 whole rows
-    for ids, want_read in ([1, 2], 2), ([1], 0), ([3], 1), ([2], 1), ([1, 3], 1):
-        before = table.bytes_read
-        table._last = None  # a new forward
-        rows = table.read(torch.tensor(ids), 1)
-        plain._last = None
-        torch.testing.assert_close(rows, plain.read(torch.tensor(ids), 1))
-        assert table.bytes_read - before == want_read * n, ids
-        assert table.cached_bytes <= 2 * n + n // 2
-    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
-        LookupTable(tmp_path / "t", cache_bytes=-1)
-
-
-def test_load_served_from_checkpoint_and_table(tmp_path):
-    from moekit.models.mole import load_served
-
-    model = _model()
-    model.save(tmp_path / "ckpt")
-    served = reparameterize(model, tmp_path / "table", progress=False).eval()
-    loaded = load_served(tmp_path / "ckpt", tmp_path / "table")
-    ids = torch.randint(0, 300, (2, 12))
-    torch.testing.assert_close(loaded(ids), served(ids))
-    assert not any("experts." in n for n in loaded.state_dict())
-    other = _model(seed=1)
-    other.save(tmp_path / "other")
-    with pytest.raises(ValueError, match="built for other weights"):
-        load_served(tmp_path / "other", tmp_path / "table")
-
-
-def test_load_served_keeps_embeddings_tied(tmp_path):
-    from moekit.models.mole import load_served
-
-    model = _model()
-    model.save(tmp_path / "ckpt")
-    reparameterize(model, tmp_path / "table", progress=False)
-    loaded = load_served(tmp_path / "ckpt", tmp_path / "table")
-    assert loaded.head.weight is loaded.embed.weight

@@ -1,4 +1,5 @@
-"""Figures and tables of the demo report (matplotlib, written atomically as PNG)."""
+"""Figures and tables of the reports: the demo's figures, the matplotlib and PNG helpers every
+experiment and benchmark plots with (matplotlib is imported on first use), and Markdown tables."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from moekit.io import atomic_write
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,8 +19,9 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    plt = _plt()
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` as PNG, atomically, and close it."""
+    plt = pyplot()
     p = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
     return p
@@ -26,7 +29,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 def plot_loss_curves(runs: dict[str, list[dict]], tokens_per_step: int, path) -> Path:
     """Training loss (and validation loss points) against tokens seen, one line per variant."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, history) in enumerate(runs.items()):
         color = f"C{i}"
@@ -41,7 +44,7 @@ def plot_loss_curves(runs: dict[str, list[dict]], tokens_per_step: int, path) ->
     ax.set_title("Loss curves (equal token budget)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_expert_load(loads: dict[str, dict[str, dict]], field: str, path) -> Path | None:
@@ -51,7 +54,7 @@ def plot_expert_load(loads: dict[str, dict[str, dict]], field: str, path) -> Pat
     panels = [(v, layer, d) for v, layers in loads.items() for layer, d in layers.items()]
     if not panels:
         return None
-    plt = _plt()
+    plt = pyplot()
     n_labels = len(panels[0][2]["labels"])
     cols = min(4, len(panels))
     rows = (len(panels) + cols - 1) // cols
@@ -71,12 +74,12 @@ def plot_expert_load(loads: dict[str, dict[str, dict]], field: str, path) -> Pat
         ax.set_yticklabels(d["labels"], fontsize=6)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="share of the label's assignments")
     fig.suptitle(f"Expert load by {field} (validation tokens)", fontsize=10, y=1.04)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tradeoffs(rows: list[dict], path) -> Path:
     """Quality / speed / memory side by side: validation perplexity, decode tokens/s, resident MB."""
-    plt = _plt()
+    plt = pyplot()
     names = [r["variant"] for r in rows]
     metrics = [("val_ppl", "validation perplexity (lower is better)"),
                ("decode_tok_s", "decode tokens/s (higher is better)"),
@@ -91,10 +94,11 @@ def plot_tradeoffs(rows: list[dict], path) -> Path:
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Quality, speed and memory", fontsize=10, y=1.04)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table: the first column left-aligned, the others right-aligned."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.layer import MoE
+from moekit.registry import Registry
 
 __all__ = ["CompressionMethod", "ExpertStats", "available_compressions", "build_compression", "compress",
            "gather_stats", "register_compression"]
@@ -76,30 +77,20 @@ class CompressionMethod:
         raise NotImplementedError(f"{type(self).__name__} must implement compress_layer(moe, stats)")
 
 
-_METHODS: dict[str, type[CompressionMethod]] = {}
+METHODS: Registry[type[CompressionMethod]] = Registry("compression", noun="method")
 
 
 def register_compression(name: str):
     """Class decorator: make a :class:`CompressionMethod` buildable by ``name``."""
-
-    def deco(cls: type[CompressionMethod]) -> type[CompressionMethod]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"compression method {name!r} is already registered to {_METHODS[name].__name__}")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return deco
+    return METHODS.register(name)
 
 
 def available_compressions() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def build_compression(name: str, **settings) -> CompressionMethod:
-    if name not in _METHODS:
-        raise ValueError(f"compression: unknown method {name!r}; valid methods are {available_compressions()}")
-    return _METHODS[name](**settings)
+    return METHODS.get(name)(**settings)
 
 
 @torch.no_grad()

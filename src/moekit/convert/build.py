@@ -16,7 +16,8 @@ from moekit.layer import FFN, MoE
 from moekit.routers import build_router
 from moekit.routing import Router
 
-__all__ = ["moe_from_channels", "dense_from_channels", "ConvertedFFN", "RoutingContext"]
+__all__ = ["moe_from_channels", "dense_from_channels", "ConvertedFFN", "RoutingContext", "bias_flags", "router_spec",
+           "empty_moe", "empty_dense"]
 
 
 def _take(ffn: DenseFFN, ch: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -79,6 +80,32 @@ def dense_from_channels(ffn: DenseFFN, channels: Tensor) -> FFN:
     out = out.to(ffn.up.dtype)
     _fill_ffn(out, ffn, channels)
     return out
+
+
+def bias_flags(ffn: DenseFFN) -> dict:
+    """The spec entries that say which biases a converted layer has: ``bias`` (up/gate) and ``out_bias`` (down)."""
+    return {"bias": ffn.has_bias or ffn.gate_bias is not None, "out_bias": ffn.down_bias is not None}
+
+
+def router_spec(router: str | Router, router_args: dict | None) -> tuple[str, dict]:
+    """``(name, arguments)`` of a router given by name: what a converted model records to be rebuilt."""
+    if isinstance(router, Router):
+        raise TypeError("moekit.convert: pass the router by name (e.g. 'sigmoid_ste', 'topk') with router_args, "
+                        "so that the converted model can be saved and rebuilt")
+    return router, dict(router_args or {})
+
+
+def empty_moe(spec: dict, d_model: int) -> MoE:
+    """The MoE a ``"moe"`` layer spec describes, with fresh weights (loading overwrites them)."""
+    return MoE(d_model, spec["d_ff"], spec["num_experts"],
+               router=build_router(spec["router"], **spec.get("router_args", {})),
+               activation=spec["activation"], shared_d_ff=spec.get("shared_d_ff"), bias=spec.get("bias", False),
+               check_finite=False)
+
+
+def empty_dense(spec: dict, d_model: int) -> FFN:
+    """The dense FFN a ``"dense"`` layer spec describes, with fresh weights (loading overwrites them)."""
+    return FFN(d_model, spec["d_ff"], spec["activation"], bias=spec.get("bias", False))
 
 
 class RoutingContext:

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from moekit.experts import ACTIVATIONS, get_activation
+from moekit.layer import FFN
+from moekit.models import GPT
+
 __all__ = ["DenseFFN", "FFNSite", "Family", "register_family", "supported_families", "find_ffns", "family_of"]
 
 
@@ -44,8 +48,6 @@ class DenseFFN:
 
     def hidden(self, x: Tensor) -> Tensor:
         """The down projection's input ``act(gate x) * up x`` (or ``act(up x)``): ``[..., F]``."""
-        from moekit.experts import get_activation
-
         act = get_activation(self.activation)
         up = nn.functional.linear(x, self.up, self.up_bias)
         if act.gated:
@@ -128,8 +130,6 @@ def _hf_activation(config, gated: bool) -> str:
         raise ValueError(f"moekit.convert: activation {name!r} is not supported for "
                          f"{'gated' if gated else 'plain'} FFNs; supported: {sorted(table)}")
     act = table[name]
-    from moekit.experts import ACTIVATIONS
-
     if act not in ACTIVATIONS:
         raise ValueError(f"moekit.convert: activation {name!r} has no moekit equivalent yet")
     return act
@@ -221,8 +221,6 @@ def _bert_sites(model: nn.Module) -> list[FFNSite]:
 
 
 def _gpt_sites(model: nn.Module) -> list[FFNSite]:
-    from moekit.layer import FFN
-
     sites = []
     for i, block in enumerate(model.blocks):
         ffn = block.ffn
@@ -242,8 +240,6 @@ def _gpt_sites(model: nn.Module) -> list[FFNSite]:
 
 
 def _is_gpt(model: nn.Module) -> bool:
-    from moekit.models import GPT
-
     return isinstance(model, GPT)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moekit.convert.partition import MIN_CALIBRATION_TOKENS, _calibration, default_run
+from moekit.convert.calibration import MIN_CALIBRATION_TOKENS, calibration_batches_for, default_run
 from moekit.layer import MoE
 from moekit.routing import LinearRouter
 
@@ -27,7 +27,7 @@ def fit_routers(model: nn.Module, calibration, run: Callable | None = None, ridg
     """Fit the router of every MoE layer with a linear router (``TopK``, ``SigmoidSTE``...) in place;
     returns the number of layers fitted. Layers are fitted in order, each on the inputs it receives
     once the layers before it route with their fitted routers."""
-    batches = _calibration(calibration, min_tokens, "fit_routers")
+    batches = calibration_batches_for(calibration, min_tokens, "fit_routers")
     moes = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.gate, LinearRouter)]
     if not moes:
         raise ValueError("fit_routers: the model has no MoE layer with a linear router")

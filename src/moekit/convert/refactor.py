@@ -19,22 +19,26 @@ computed from the current converted layers (residual + every expert's channels o
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from moekit.convert.build import ConvertedFFN, RoutingContext, moe_from_channels
-from moekit.convert.ffn import family_of, find_ffns
-from moekit.convert.partition import MIN_CALIBRATION_TOKENS, _bias_flags, channel_importance
+from moekit.convert.build import RoutingContext, bias_flags, empty_moe, moe_from_channels
+from moekit.convert.calibration import MIN_CALIBRATION_TOKENS, channel_importance, default_run
+from moekit.convert.ffn import DenseFFN, FFNSite
+from moekit.convert.method import ConversionMethod, register_method
 from moekit.layer import MoE
+from moekit.models import GPT
 from moekit.models.pregate import PreGate
+from moekit.train.schedule import warmup_cosine
+from moekit.train.step import lm_and_aux, optimizer_step
 
-__all__ = ["refactor", "domain_masks", "attach_pregate", "distillation_loss", "tune", "pregate_of"]
+__all__ = ["Refactor", "refactor", "domain_masks", "attach_pregate", "distillation_loss", "distillation_targets",
+           "router_loss", "tune", "pregate_of"]
 
 
 def domain_masks(importance: list[Tensor], keep: float) -> tuple[Tensor, Tensor]:
@@ -54,8 +58,6 @@ def domain_masks(importance: list[Tensor], keep: float) -> tuple[Tensor, Tensor]
 
 
 def _embedding_weight(model: nn.Module) -> Tensor:
-    from moekit.models import GPT
-
     if isinstance(model, GPT):
         return model.embed.weight
     return model.get_input_embeddings().weight
@@ -87,6 +89,65 @@ def pregate_of(model: nn.Module) -> PreGate:
     return p
 
 
+@register_method("refactor")
+class Refactor(ConversionMethod):
+    """Read-ME's conversion: see :func:`refactor`."""
+
+    empty_layer = staticmethod(empty_moe)
+    routed_by_context = True
+
+    def __init__(self, domains: dict[str, Tensor], keep: float = 0.5, pregate: dict | None = None,
+                 run: Callable | None = None, min_tokens: int = MIN_CALIBRATION_TOKENS, seed: int = 0,
+                 progress: bool = False) -> None:
+        if not isinstance(domains, dict) or len(domains) < 2:
+            raise ValueError("refactor: domains must map at least 2 domain names to calibration token ids")
+        if not 0 < keep < 1:
+            raise ValueError(f"refactor: keep must lie in (0, 1), got {keep!r}")
+        self.domains, self.names, self.keep, self.pregate_args = domains, list(domains), keep, dict(pregate or {})
+        self.run, self.min_tokens, self.seed, self.progress = run, min_tokens, seed, progress
+        self.importance: dict[str, list[Tensor]] = {}
+        self.gate: PreGate | None = None
+
+    def prepare(self, model: nn.Module) -> None:
+        """Each domain's channel importance, then the PreGate (seeded), initialised from the LM embedding."""
+        self.importance = {n: channel_importance(model, self.domains[n], self.run, self.min_tokens,
+                                                 progress=self.progress)[0] for n in self.names}
+        vocab = _embedding_weight(model).shape[0]
+        torch.manual_seed(self.seed)
+        args = dict(self.pregate_args)
+        seq = getattr(getattr(model, "config", None), "max_seq_len", None) or getattr(
+            getattr(model, "config", None), "max_position_embeddings", None)
+        if seq and "max_seq_len" not in args:
+            args["max_seq_len"] = seq
+        self.gate = PreGate(vocab, len(self.names), **args)
+        self.gate.init_embedding(_embedding_weight(model).detach())
+
+    def settings(self) -> dict:
+        return {"domains": self.names, "keep": self.keep, "pregate": self.gate.config()}
+
+    def build(self, site: FFNSite, ffn: DenseFFN) -> tuple[nn.Module, dict]:
+        residual, groups = domain_masks([self.importance[n][site.layer] for n in self.names], self.keep)
+        moe = moe_from_channels(ffn, groups, "pregate", {}, shared=residual)
+        spec = {"kind": "moe", "num_experts": len(self.names), "d_ff": groups.shape[1], "router": "pregate",
+                "router_args": {}, "activation": ffn.activation, "shared_d_ff": len(residual) or None,
+                **bias_flags(ffn)}
+        return moe, spec
+
+    def attach(self, model: nn.Module, context: RoutingContext | None) -> dict:
+        """The PreGate: in a GPT's config and ``pregate``, or on a Hugging Face model's forward."""
+        if isinstance(model, GPT):
+            model.config = replace(model.config, pregate={k: v for k, v in self.gate.config().items()
+                                                          if k != "vocab_size"})
+            model.pregate = self.gate
+        else:
+            attach_pregate(model, self.gate, context)
+        return {"pregate": self.gate.config()}
+
+    @classmethod
+    def restore(cls, model: nn.Module, record: dict, context: RoutingContext | None) -> None:
+        attach_pregate(model, PreGate(**record["pregate"]), context)
+
+
 def refactor(model: nn.Module, domains: dict[str, Tensor], keep: float = 0.5, pregate: dict | None = None,
              run: Callable | None = None, min_tokens: int = MIN_CALIBRATION_TOKENS, seed: int = 0,
              progress: bool = False) -> nn.Module:
@@ -94,48 +155,7 @@ def refactor(model: nn.Module, domains: dict[str, Tensor], keep: float = 0.5, pr
     domain in every FFN, and a :class:`PreGate` (arguments ``pregate``: d_model, n_heads, d_ff...)
     choosing each token's expert for all layers. ``domains`` maps a domain name to its calibration
     token ids ``[num_sequences, seq_len]``. Untuned, the PreGate is random: run :func:`tune`."""
-    if not isinstance(domains, dict) or len(domains) < 2:
-        raise ValueError("refactor: domains must map at least 2 domain names to calibration token ids")
-    if not 0 < keep < 1:
-        raise ValueError(f"refactor: keep must lie in (0, 1), got {keep!r}")
-    family = family_of(model)
-    names = list(domains)
-    imps = {n: channel_importance(model, domains[n], run, min_tokens, progress=progress)[0] for n in names}
-    E = len(names)
-    vocab = _embedding_weight(model).shape[0]
-    torch.manual_seed(seed)
-    pregate = dict(pregate or {})
-    seq = getattr(getattr(model, "config", None), "max_seq_len", None) or getattr(
-        getattr(model, "config", None), "max_position_embeddings", None)
-    if seq and "max_seq_len" not in pregate:
-        pregate["max_seq_len"] = seq
-    gate = PreGate(vocab, E, **pregate)
-    gate.init_embedding(_embedding_weight(model).detach())
-    new = copy.deepcopy(model)
-    context = RoutingContext()
-    specs = []
-    for site in find_ffns(new):
-        ffn = site.read()
-        residual, groups = domain_masks([imps[n][site.layer] for n in names], keep)
-        moe = moe_from_channels(ffn, groups, "pregate", {}, shared=residual)
-        spec = {"kind": "moe", "num_experts": E, "d_ff": groups.shape[1], "router": "pregate", "router_args": {},
-                "activation": ffn.activation, "shared_d_ff": len(residual) or None, **_bias_flags(ffn)}
-        if family.name == "moekit-gpt":
-            site.install(moe)
-        else:
-            site.install(ConvertedFFN(moe, ffn.down_bias, context))
-        specs.append(spec)
-    settings = {"domains": names, "keep": keep, "pregate": gate.config()}
-    if family.name == "moekit-gpt":
-        cfg = {k: v for k, v in gate.config().items() if k != "vocab_size"}
-        new.config = replace(new.config, ffn=specs, pregate=cfg,
-                             extra={**new.config.extra, "convert": {"method": "refactor", **settings}})
-        new.pregate = gate
-    else:
-        attach_pregate(new, gate, context)
-    new.moekit_convert = {"family": family.name, "method": "refactor", "settings": settings, "layers": specs,
-                          "pregate": gate.config()}
-    return new
+    return Refactor(domains, keep, pregate, run, min_tokens, seed, progress).convert(model)
 
 
 # ----------------------------------------------------------------------------------- router distillation
@@ -188,8 +208,6 @@ def _converted_moes(model: nn.Module) -> list[MoE]:
 def router_loss(model: nn.Module, ids_BT: Tensor, run: Callable | None = None) -> tuple[Tensor, float]:
     """The PreGate's distillation loss on one batch (summed over layers) and its top-1 agreement with
     the per-layer targets. The backbone runs without gradients, routed by the current PreGate."""
-    from moekit.convert.partition import default_run
-
     moes = _converted_moes(model)
     inputs: dict[int, Tensor] = {}
     handles = [m.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
@@ -207,13 +225,36 @@ def router_loss(model: nn.Module, ids_BT: Tensor, run: Callable | None = None) -
     return loss, agree
 
 
-def _cosine(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Learning rate of ``step`` in a phase of ``steps``: linear warm-up, then cosine down to 0.1 lr
-    (warm-up and floor are ours: Read-ME gives only the cosine decay; see :func:`tune`)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+def _train_only(model: nn.Module, params: list[Tensor]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+
+def _phase_loss(model: nn.Module, phase: str, x: Tensor, y: Tensor, lm_loss: Callable | None) -> tuple[Tensor, dict]:
+    """The loss of one step of a phase, and what its record adds (the router's top-1 agreement)."""
+    if phase == "router":
+        loss, agree = router_loss(model, x)
+        return loss, {"agree": agree}
+    lm, aux = lm_and_aux(model, x, y, lm_loss)
+    return lm + aux, {}
+
+
+def _run_phase(model: nn.Module, batches: Callable, phase: str, steps: int, lr0: float, params: list[Tensor],
+               weight_decay: float, lm_loss: Callable | None, first: int, rnd: int,
+               record: Callable[[dict], None]) -> None:
+    """``steps`` AdamW updates of ``params`` alone, warm-up then cosine from ``lr0`` (global steps from ``first``)."""
+    _train_only(model, params)
+    opt = torch.optim.AdamW(params, lr=lr0, weight_decay=weight_decay, betas=(0.9, 0.95))
+    model.train()
+    for i in range(steps):
+        x, y = batches(first + i)
+        lr = warmup_cosine(i, steps, lr0, max(1, steps // 10))
+        loss, extra = _phase_loss(model, phase, x, y, lm_loss)
+        rec = {"round": rnd, "phase": phase, "step": first + i, "loss": float(loss.detach()), **extra}
+        optimizer_step(opt, loss, params, 1.0, lr)
+        record({**rec, "lr": lr})
 
 
 def tune(model: nn.Module, batches: Callable[[int], tuple[Tensor, Tensor]], rounds: int = 2, router_steps: int = 50,
@@ -232,58 +273,31 @@ def tune(model: nn.Module, batches: Callable[[int], tuple[Tensor, Tensor]], roun
 
     Ours, not in the paper's schedule (and not verified in the official scripts): each phase warms up
     linearly over its first ``max(1, steps // 10)`` steps; the cosine ends at a floor of 0.1 x the
-    phase's learning rate, not at 0; AdamW's betas are (0.9, 0.95) (PyTorch's default beta2 is
-    0.999); gradients are clipped to norm 1.0. The test suite pins this schedule
-    (``tests/test_refactor.py``)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from moekit.layer import aux_loss
-
+    phase's learning rate, not at 0 (:func:`moekit.train.schedule.warmup_cosine`); AdamW's betas are
+    (0.9, 0.95) (PyTorch's default beta2 is 0.999); gradients are clipped to norm 1.0. The test suite
+    pins this schedule (``tests/convert/test_refactor.py``)."""
     gate = pregate_of(model)
     gate_ids = {id(p) for p in gate.parameters()}
     trainable = {id(p): p.requires_grad for p in model.parameters()}  # restored at the end
     backbone = [p for p in model.parameters() if id(p) not in gate_ids and p.requires_grad]
-    lm_loss = lm_loss or (lambda m, x, y: m.loss(x, y))
     history: list[dict] = []
-    step = 0
-    total = rounds * (router_steps + expert_steps)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), disable=not progress, transient=True) as bar:
-        task = bar.add_task("Read-ME tuning", total=total)
+        task = bar.add_task("Read-ME tuning", total=rounds * (router_steps + expert_steps))
+
+        def record(rec: dict) -> None:
+            history.append(rec)
+            if log is not None:
+                log(rec)
+            bar.update(task, advance=1, description=f"Read-ME round {rec['round'] + 1}/{rounds} {rec['phase']} "
+                                                    f"loss {rec['loss']:.3f}")
+
         for r in range(rounds):
-            scale = decay ** r
             for phase, steps, lr0, params in (("router", router_steps, router_lr, list(gate.parameters())),
                                              ("experts", expert_steps, expert_lr, backbone)):
-                if steps == 0:
-                    continue
-                for p in model.parameters():
-                    p.requires_grad_(False)
-                for p in params:
-                    p.requires_grad_(True)
-                opt = torch.optim.AdamW(params, lr=lr0 * scale, weight_decay=weight_decay, betas=(0.9, 0.95))
-                model.train()
-                for i in range(steps):
-                    x, y = batches(step)
-                    lr = _cosine(i, steps, lr0 * scale, max(1, steps // 10))
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    if phase == "router":
-                        loss, agree = router_loss(model, x)
-                        rec = {"round": r, "phase": phase, "step": step, "loss": float(loss.detach()), "agree": agree}
-                    else:
-                        loss = lm_loss(model, x, y) + aux_loss(model)
-                        rec = {"round": r, "phase": phase, "step": step, "loss": float(loss.detach())}
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    rec["lr"] = lr
-                    history.append(rec)
-                    if log is not None:
-                        log(rec)
-                    step += 1
-                    bar.update(task, advance=1, description=f"Read-ME round {r + 1}/{rounds} {phase} "
-                                                            f"loss {rec['loss']:.3f}")
+                if steps:
+                    _run_phase(model, batches, phase, steps, lr0 * decay ** r, params, weight_decay, lm_loss,
+                               len(history), r, record)
     for p in model.parameters():
         p.requires_grad_(trainable[id(p)])
     model.eval()

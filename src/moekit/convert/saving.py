@@ -19,10 +19,10 @@ from torch import nn
 
 from moekit.convert.build import ConvertedFFN, RoutingContext
 from moekit.convert.ffn import family_of, find_ffns
+from moekit.convert.method import ConversionMethod, method_class
 from moekit.io import MANIFEST, read_json, write_folder
-from moekit.layer import FFN, MoE
-from moekit.models.gpt import MODEL_KIND
-from moekit.routers import build_router
+from moekit.models import GPT
+from moekit.models.gpt import MODEL_FIX, MODEL_KIND, read_config, verify_model
 
 __all__ = ["save", "load", "CONVERT_FILE"]
 
@@ -34,8 +34,6 @@ FORMAT = 1
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a converted model (from ``partition``, ``refactor``, ``upcycle`` or ``prune``) to ``path``."""
     from safetensors.torch import save_model
-
-    from moekit.models import GPT
 
     path = Path(path)
     if isinstance(model, GPT):
@@ -52,18 +50,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _module_from_spec(spec: dict, d_model: int, context: RoutingContext | None) -> nn.Module:
-    if spec["kind"] == "dense":
-        inner = FFN(d_model, spec["d_ff"], spec["activation"], bias=spec.get("bias", False))
-    elif spec["kind"] == "moe":
-        inner = MoE(d_model, spec["d_ff"], spec["num_experts"],
-                    router=build_router(spec["router"], **spec.get("router_args", {})),
-                    activation=spec["activation"], shared_d_ff=spec.get("shared_d_ff"), bias=spec.get("bias", False),
-                    check_finite=False)
-    else:
-        raise ValueError(f"{CONVERT_FILE}: unknown layer kind {spec['kind']!r}")
+def _layer(method: type[ConversionMethod], spec: dict, d_model: int, context: RoutingContext | None) -> nn.Module:
+    """The converted layer ``method`` builds for ``spec``, fresh weights, with its down bias if it has one."""
     out_bias = torch.zeros(d_model) if spec.get("out_bias") else None
-    return ConvertedFFN(inner, out_bias, context if spec.get("router") == "pregate" else None)
+    return ConvertedFFN(method.empty_layer(spec, d_model), out_bias, context)
 
 
 @contextmanager
@@ -77,12 +67,16 @@ def _readable_weights(weights: Path):
         raise ValueError(f"{weights}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def _method_of(meta: dict, meta_file: Path) -> type[ConversionMethod]:
+    try:
+        return method_class(str(meta.get("method")))
+    except ValueError as e:
+        raise ValueError(f"{meta_file}: {e}") from None
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a model written by :func:`save` (moekit GPT or Hugging Face)."""
     from safetensors.torch import load_model
-
-    from moekit.models import GPT
-    from moekit.models.gpt import MODEL_FIX, read_config, verify_model
 
     path = Path(path)
     meta_file = path / CONVERT_FILE
@@ -114,16 +108,11 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
     if family_of(model).name != meta["family"] or len(sites) != len(meta["layers"]):
         raise ValueError(f"{meta_file}: the saved conversion ({meta['family']}, {len(meta['layers'])} FFNs) does not "
                          f"match the model built from config.json ({family_of(model).name}, {len(sites)} FFNs)")
-    context = None
-    if meta.get("pregate"):
-        from moekit.convert.refactor import attach_pregate
-        from moekit.models.pregate import PreGate
-
-        context = RoutingContext()
+    method = _method_of(meta, meta_file)
+    context = RoutingContext() if method.routed_by_context else None
     for site, spec in zip(sites, meta["layers"]):
-        site.install(_module_from_spec(spec, site.read().d_model, context))
-    if context is not None:
-        attach_pregate(model, PreGate(**meta["pregate"]), context)
+        site.install(_layer(method, spec, site.read().d_model, context))
+    method.restore(model, meta, context)
     if dtype is not None:  # after the converted modules are in place, so that they are cast too
         model = model.to(dtype)
     weights = path / WEIGHTS

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from moekit.layer import FFN, MoE
+from moekit.registry import Registry
 from moekit.routers import build_router
 
 if TYPE_CHECKING:
@@ -25,31 +26,21 @@ if TYPE_CHECKING:
 __all__ = ["register_ffn", "build_ffn", "available_ffns"]
 
 Builder = Callable[["GPTConfig", dict], nn.Module]
-_FFNS: dict[str, Builder] = {}
+FFNS: Registry[Builder] = Registry("GPTConfig.ffn", noun="kind")
 
 
 def register_ffn(kind: str):
     """Function decorator: make ``build(cfg, spec)`` the builder of the FFN kind ``kind``."""
-
-    def deco(build: Builder) -> Builder:
-        if kind in _FFNS and _FFNS[kind] is not build:
-            raise ValueError(f"FFN kind {kind!r} is already registered")
-        _FFNS[kind] = build
-        return build
-
-    return deco
+    return FFNS.register(kind)
 
 
 def available_ffns() -> list[str]:
-    return sorted(_FFNS)
+    return FFNS.names()
 
 
 def build_ffn(cfg: GPTConfig, spec: dict) -> nn.Module:
     """The FFN module of one layer from its spec (``{"kind": "dense"}`` when the kind is absent)."""
-    kind = spec.get("kind", "dense")
-    if kind not in _FFNS:
-        raise ValueError(f"GPTConfig.ffn: unknown kind {kind!r}; valid kinds are {available_ffns()}")
-    return _FFNS[kind](cfg, spec)
+    return FFNS.get(spec.get("kind", "dense"))(cfg, spec)
 
 
 @register_ffn("dense")

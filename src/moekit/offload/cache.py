@@ -12,14 +12,16 @@ current layer does not still need. The layer's experts are computed one at a tim
 first, and each is unpinned once computed, so even a single slot per pool serves any access (an
 expert the layer has just used may make room for the next).
 
-Policies score residents; the victim is the lowest score:
+Policies score residents; the victim is the lowest score. They are registered by name in
+:mod:`moekit.offload.policies`, one file each:
     ``lru``      last use.
     ``lfu``      number of uses since the start (not only while resident), ties by last use.
     ``belady``   next use within a lookahead window of tokens (Belady's rule on the known part
                  of the future: the expert needed farthest ahead, or not at all, goes first), ties
-                 by last use. The future comes from a PreGate (Read-ME: routing known before the
-                 backbone runs) or from a recorded trace; with the whole future it is Belady-MIN,
-                 the offline optimum for equal-size items and the yardstick of every other policy.
+                 by last use. The future (:class:`~moekit.offload.future.Future`) comes from a
+                 PreGate (Read-ME: routing known before the backbone runs) or from a recorded trace;
+                 with the whole future it is Belady-MIN, the offline optimum for equal-size items
+                 and the yardstick of every other policy.
 
 A miss need not be admitted: the runtime can compute the expert straight from the store (streamed
 through a small buffer; nothing evicted). Two rules choose when:
@@ -41,63 +43,17 @@ loads and in :func:`simulate` on a recorded trace, so the two produce the same c
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["POLICIES", "available_policies", "CacheStats", "ExpertCache", "Future", "simulate", "slots_for_budget"]
+from moekit.offload.future import Future, Key
+from moekit.offload.policies import available_policies, build_policy
 
-Key = tuple[int, int]  # (layer, expert)
-POLICIES = ("lru", "lfu", "belady")
+__all__ = ["POLICIES", "available_policies", "CacheStats", "ExpertCache", "Future", "check_direct", "simulate",
+           "slots_for_budget"]
 
-
-def available_policies(online: bool = False) -> list[str]:
-    """Names of the registered cache policies; ``online=True``: only those that need no knowledge
-    of future requests (usable when serving without a PreGate's lookahead)."""
-    return [p for p in POLICIES if not (online and p == "belady")]
-
-
-class Future:
-    """The known future of an access stream: for each ``(layer, expert)``, the access indices at
-    which it is needed, so ``next_use`` is a bisection.
-
-    ``tokens[i]`` is the token of access ``i`` (default: each access its own token); the lookahead
-    window counts tokens: ``window=1`` sees the remaining layers of the current token (what a
-    PreGate knows when decoding), ``window=16`` also the next 15 tokens (a queued prompt), ``inf``
-    everything (Belady-MIN)."""
-
-    def __init__(self, accesses: Sequence[tuple[int, Sequence[int]]], tokens: Sequence[int] | None = None) -> None:
-        self.uses: dict[Key, list[int]] = {}
-        for t, (layer, experts) in enumerate(accesses):
-            for e in experts:
-                self.uses.setdefault((layer, int(e)), []).append(t)
-        self.accesses = list(accesses)
-        self.length = len(accesses)
-        self.tokens = list(range(self.length)) if tokens is None else list(tokens)
-        if len(self.tokens) != self.length:
-            raise ValueError(f"Future: {len(self.tokens)} tokens for {self.length} accesses")
-
-    def extend(self, accesses: Sequence[tuple[int, Sequence[int]]], tokens: Sequence[int]) -> None:
-        """Append accesses learned ahead of their use (e.g. a PreGate routing the next forward)."""
-        if len(tokens) != len(accesses):
-            raise ValueError(f"Future.extend: {len(tokens)} tokens for {len(accesses)} accesses")
-        for i, (layer, experts) in enumerate(accesses, start=self.length):
-            for e in experts:
-                self.uses.setdefault((layer, int(e)), []).append(i)
-        self.accesses.extend(accesses)
-        self.tokens += list(tokens)
-        self.length += len(accesses)
-
-    def next_use(self, key: Key, t: int, window: float) -> float:
-        """The first access index ``> t`` that needs ``key`` within ``window`` tokens; ``inf`` if none."""
-        uses = self.uses.get(key)
-        if not uses:
-            return math.inf
-        i = bisect.bisect_right(uses, t)
-        if i == len(uses) or (t >= 0 and self.tokens[uses[i]] - self.tokens[t] >= window):
-            return math.inf
-        return uses[i]
+POLICIES = tuple(available_policies())  # the built-in policies
 
 
 @dataclass
@@ -193,8 +149,10 @@ class ExpertCache:
         slots: slots per pool (see :func:`slots_for_budget`).
         num_layers: layers served; with one pool, every layer shares pool 0.
         expert_bytes: bytes of one expert of each layer (counted per load).
-        policy: ``"lru"``, ``"lfu"`` or ``"belady"``.
-        future: the known future for ``"belady"`` (a :class:`Future` over the same access stream).
+        policy: the name of a registered policy (:func:`available_policies`): ``"lru"``, ``"lfu"``,
+            ``"belady"``...
+        future: the known future for ``"belady"`` (a :class:`Future` over the same access stream)
+            and for ``direct="future"``.
         window: how many tokens ahead ``"belady"`` (and prefetching) may look (see :class:`Future`;
             ``inf``: Belady-MIN).
         low_bytes: bytes of one expert's int8 copy per layer (for mixed precision).
@@ -209,14 +167,10 @@ class ExpertCache:
         check_direct(direct, future, num_layers)
         if isinstance(direct, (list, tuple)):
             direct = list(direct) if len(direct) > 1 else direct[0]
-        if policy not in POLICIES:
-            raise ValueError(f"policy: unknown value {policy!r}; valid values are {list(POLICIES)}")
-        if policy == "belady" and future is None:
-            raise ValueError("policy='belady' needs the future accesses: pass future=Future(trace accesses) "
-                             "(from a PreGate's routing or a recorded trace)")
+        self.policy = build_policy(policy, future, window)
         if len(slots) not in (1, num_layers):
             raise ValueError(f"slots: one pool or one per layer ({num_layers}), got {len(slots)}")
-        self.policy, self.future, self.window, self.direct = policy, future, window, direct
+        self.future, self.window, self.direct = future, window, direct
         self.pool_of = (lambda layer: 0) if len(slots) == 1 else (lambda layer: layer)
         self.expert_bytes = list(expert_bytes)
         self.low_bytes = list(low_bytes or [0] * num_layers)
@@ -224,19 +178,13 @@ class ExpertCache:
         self.slots = list(slots)
         self.where: dict[Key, int] = {}  # resident key -> slot in its pool
         self.residents: list[set[Key]] = [set() for _ in slots]
-        self.last: dict[Key, int] = {}
-        self.count: dict[Key, int] = {}
         self.unused: set[Key] = set()  # prefetched, not accessed yet
-        self.t = -1  # index of the current access
         self.stats = CacheStats()
 
-    def _score(self, key: Key) -> tuple:
-        if self.policy == "lru":
-            return (self.last[key],)
-        if self.policy == "lfu":
-            return (self.count[key], self.last[key])
-        nxt = self.future.next_use(key, self.t, self.window)
-        return (-nxt, self.last[key])  # farthest (or never) first
+    @property
+    def t(self) -> int:
+        """Index of the current access."""
+        return self.policy.t
 
     def access(self, layer: int, experts: Sequence[int], load: Callable[[int, int, int], None] | None = None,
                use: Callable[[int, int | str], None] | None = None, low: Collection[int] = (),
@@ -249,54 +197,54 @@ class ExpertCache:
         int8 copy (HOBBIT), counted in ``low_bytes``. A miss the ``direct`` rule keeps out of the
         cache evicts nothing either: ``use(expert, "store")`` computes it from the store.
         ``tokens[i]``: how many tokens need ``experts[i]`` (for ``direct=k``; default 1 each)."""
-        self.t += 1
-        st = self.stats
-        pool = self.pool_of(layer)
+        self.policy.tick()
         count = {int(e): int(n) for e, n in zip(experts, tokens)} if tokens is not None else {}
         experts = sorted({int(e) for e in experts})  # one order for the runtime and the simulator
         pending = {(layer, e) for e in experts}
         for e in experts:
-            key = (layer, e)
-            st.accesses += 1
-            st.accesses_by_layer[layer] = st.accesses_by_layer.get(layer, 0) + 1
-            if key in self.where:
-                st.hits += 1
-                st.hits_by_layer[layer] = st.hits_by_layer.get(layer, 0) + 1
-                if key in self.unused:
-                    st.prefetch_hits += 1
-                    self.unused.discard(key)
-            self.last[key] = self.t
-            self.count[key] = self.count.get(key, 0) + 1
+            self._count(layer, e)
         order = [e for e in experts if (layer, e) in self.where] + [e for e in experts if (layer, e) not in self.where]
         for e in order:
-            key = (layer, e)
-            if key not in self.where and e in low:
-                st.misses += 1
-                st.low_bit += 1
-                st.bytes_loaded += self.low_bytes[layer]
-                if use is not None:
-                    use(e, "int8")
-                pending.discard(key)
-                continue
-            if key not in self.where and self._bypass(pool, key, pending, count.get(e, 1)):
-                st.misses += 1
-                st.direct += 1
-                st.bytes_loaded += self.expert_bytes[layer]
-                if use is not None:
-                    use(e, "store")
-                pending.discard(key)
-                continue
-            if key not in self.where:
-                slot = self._slot(pool, pending)
-                st.misses += 1
-                st.bytes_loaded += self.expert_bytes[layer]
-                self.where[key] = slot
-                self.residents[pool].add(key)
-                if load is not None:
-                    self._guarded(load, layer, e, slot)
+            where = self._place(layer, e, pending, low, count.get(e, 1), load)
             if use is not None:
-                use(e, self.where[key])
-            pending.discard(key)
+                use(e, where)
+            pending.discard((layer, e))
+
+    def _count(self, layer: int, e: int) -> None:
+        """Count one needed expert of the current access (a hit if resident) in the stats and the history."""
+        st, key = self.stats, (layer, e)
+        st.accesses += 1
+        st.accesses_by_layer[layer] = st.accesses_by_layer.get(layer, 0) + 1
+        if key in self.where:
+            st.hits += 1
+            st.hits_by_layer[layer] = st.hits_by_layer.get(layer, 0) + 1
+            if key in self.unused:
+                st.prefetch_hits += 1
+                self.unused.discard(key)
+        self.policy.used(key)
+
+    def _place(self, layer: int, e: int, pending: set[Key], low: Collection[int], tokens: int,
+               load: Callable[[int, int, int], None] | None) -> int | str:
+        """Where a needed expert is computed from: its slot (loaded into it on a miss), or, for a miss
+        kept out of the cache, ``"int8"`` (its int8 copy) or ``"store"``."""
+        key, pool, st = (layer, e), self.pool_of(layer), self.stats
+        if key in self.where:
+            return self.where[key]
+        st.misses += 1
+        if e in low:
+            st.low_bit += 1
+            st.bytes_loaded += self.low_bytes[layer]
+            return "int8"
+        st.bytes_loaded += self.expert_bytes[layer]
+        if self._bypass(pool, key, pending, tokens):
+            st.direct += 1
+            return "store"
+        slot = self._slot(pool, pending)
+        self.where[key] = slot
+        self.residents[pool].add(key)
+        if load is not None:
+            self._guarded(load, layer, e, slot)
+        return slot
 
     def _bypass(self, pool: int, key: Key, pending: set[Key], tokens: int) -> bool:
         """Whether the miss of ``key`` is computed from the store rather than admitted."""
@@ -329,8 +277,7 @@ class ExpertCache:
                 break
             self.where[key] = slot
             self.residents[pool].add(key)
-            self.last[key] = self.t  # as recent as the running access: not the next victim
-            self.count.setdefault(key, 0)
+            self.policy.prefetched(key)
             self.unused.add(key)
             self.stats.prefetched += 1
             self.stats.bytes_loaded += self.expert_bytes[layer]
@@ -364,7 +311,7 @@ class ExpertCache:
         candidates = [k for k in self.residents[pool] if k not in pending]
         if not candidates and not required:
             return None
-        victim = min(candidates, key=self._score)
+        victim = min(candidates, key=self.policy.score)
         self.residents[pool].discard(victim)
         self.unused.discard(victim)
         self.stats.evictions += 1

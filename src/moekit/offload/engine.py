@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from moekit.offload.runtime import ServeStats, load_offloaded
+from moekit.data import load_tokenizer
+from moekit.offload.checkpoint import load_offloaded
+from moekit.offload.runtime import ServeStats
 
 __all__ = ["Engine", "find_tokenizer", "parse_budget"]
 
@@ -37,8 +39,6 @@ def parse_budget(text: str | float | int) -> float | int:
 def find_tokenizer(model_dir: str | os.PathLike):
     """The ``tokenizers`` tokenizer saved beside a model (``tokenizer.json`` in its folder or the run
     folder above it, as ``moekit train`` writes), or ``None``."""
-    from moekit.data import load_tokenizer
-
     for folder in (Path(model_dir), Path(model_dir).parent):
         if (folder / "tokenizer.json").exists():
             return load_tokenizer(folder / "tokenizer.json")

@@ -2,12 +2,10 @@
 
 :func:`offload` swaps every MoE layer's :class:`~moekit.experts.GroupedExperts` for an
 :class:`OffloadedExperts` that asks a shared :class:`ExpertServer` for the experts its tokens
-need. The server owns the cache's memory: one preallocated slab per pool, ``slots x block``
-elements, allocated once on the cache's device (the CPU, or a GPU in front of host memory), so
-the budget is a real allocation that is never exceeded (``server.resident_bytes()``). A miss
-reads the expert's block from the store straight into its slot (``preadv``; through a pinned
-buffer for a GPU, or copied from host RAM with ``host="ram"``), or is computed on the CPU where
-it is stored (``direct``); the bookkeeping is :class:`ExpertCache`, the same as
+need. The server owns the cache's memory (:class:`~moekit.offload.slab.SlabMemory`: the budget is
+a real allocation that is never exceeded, ``server.resident_bytes()``), the prefetching thread
+and the reads' accounting. A miss is loaded into a slot, or computed on the CPU where it is stored
+(``direct``, :mod:`moekit.offload.kernels`); the bookkeeping is :class:`ExpertCache`, the same as
 :func:`moekit.offload.simulate`'s, so a served run and a simulated run of the same access stream
 give the same counters.
 
@@ -20,27 +18,29 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future as Future_
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.dispatch import LocalDispatcher, Segments
 from moekit.experts import get_activation
-from moekit.io import check_target, kind_of, read_json, verify
-from moekit.offload.cache import ExpertCache, Future, check_direct, slots_for_budget
-from moekit.offload.store import STORE_KIND, ExpertStore, LayerSpec, moe_layers
+from moekit.offload.cache import ExpertCache, check_direct, slots_for_budget
+from moekit.offload.calibrate import calibrate
+from moekit.offload.future import Future
+from moekit.offload.kernels import expert_forward, int8_forward, streamed_forward
+from moekit.offload.slab import SlabMemory
+from moekit.offload.store import ExpertStore, moe_layers
+from moekit.routers.pregate import PreGated
 
 STREAM_BYTES = 16 << 10  # the buffer a miss computed from the store is streamed through
 
-__all__ = ["ExpertServer", "OffloadedExperts", "ServeStats", "load_offloaded", "offload", "pregate_future"]
+__all__ = ["STREAM_BYTES", "ExpertServer", "OffloadedExperts", "ServeStats", "attach", "budget_bytes", "offload",
+           "open_store", "pregate_future"]
 
 
 @dataclass
@@ -146,19 +146,9 @@ class ExpertServer:
         streams = direct is not None and host == "disk"
         self.stream_buf = torch.empty(max(STREAM_BYTES // store.dtype.itemsize, widest) if streams else 0,
                                       dtype=store.dtype)
-        # pageable host memory: the pinned allocator would round every block up to a power of two
-        self.host_blocks = None if host == "disk" else [
-            [store.read(i, e, torch.empty(spec.numel, dtype=store.dtype)) for e in range(spec.num_experts)]
-            for i, spec in enumerate(store.layers)]
-        self.host_parts = None if host == "disk" else [  # views, made once
-            [spec.split(block) for block in blocks] for spec, blocks in zip(store.layers, self.host_blocks)]
-        self.staging = threading.local()  # disk -> pinned host buffer -> GPU, one buffer per reading thread
-        self.views: dict[tuple[LayerSpec, int, int], dict[str, Tensor]] = {}
         self.row_weight: Tensor | None = None  # combine weight of each dispatched row (for low_threshold)
         self.future, self.prefetch = future, prefetch
-        pools = range(len(slots))
-        width = [max(store.layers[i].numel for i in range(L) if self.cache.pool_of(i) == p) for p in pools]
-        self.slabs = [torch.empty(n, w, dtype=store.dtype, device=self.device) for n, w in zip(slots, width)]
+        self.memory = SlabMemory(store, slots, self.cache.pool_of, self.device, host)
         self.inflight: dict[tuple[int, int], Future_] = {}  # (pool, slot) -> read in progress
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if prefetch else None
         self.moes: list[nn.Module] = []  # set by offload(): the routers predict the next layer
@@ -172,124 +162,50 @@ class ExpertServer:
         self.bytes_read0 = store.bytes_read
         self.tokens = 0
 
+    @property
+    def slabs(self) -> list[Tensor]:
+        """The cache's memory: one ``slots x block`` tensor per pool."""
+        return self.memory.slabs
+
     def resident_bytes(self) -> int:
         """Bytes of expert weights held in the cache's memory (the slabs and the int8 buffer)."""
-        return sum(s.numel() * s.element_size() for s in self.slabs) + self.low_buf.numel()
-
-    def _read(self, layer: int, expert: int, slot: int) -> float:
-        """Load an expert into a slot: from the host copy, or read from the store (straight into the
-        slot on the CPU, through a pinned buffer for a GPU). Returns the seconds it took."""
-        t0 = time.perf_counter()
-        n = self.store.layers[layer].numel
-        dst = self.slabs[self.cache.pool_of(layer)][slot]
-        if self.host_blocks is not None:
-            dst[:n].copy_(self.host_blocks[layer][expert])
-        elif self.device.type == "cpu":
-            self.store.read(layer, expert, dst)
-        else:
-            buf = getattr(self.staging, "buf", None)
-            if buf is None:  # sized for the largest block of any layer
-                buf = self.staging.buf = torch.empty(max(s.numel for s in self.store.layers), dtype=self.store.dtype,
-                                                     pin_memory=True)
-            dst[:n].copy_(self.store.read(layer, expert, buf)[:n])  # synchronous: the pinned buffer is reused
-        return time.perf_counter() - t0
+        return self.memory.resident_bytes() + self.low_buf.numel()
 
     def compute(self, layer: int, x: Tensor, w: dict[str, Tensor]) -> Tensor:
         """One expert of ``layer`` with weights ``w`` (a block's parts) on rows ``x``."""
-        dt = x.dtype
-        h = F.linear(x, w["first"].to(dt), w["first_bias"].to(dt) if "first_bias" in w else None)
-        return F.linear(self.acts[layer].apply(h), w["down"].to(dt), w["down_bias"].to(dt) if "down_bias" in w else None)
+        return expert_forward(self.acts[layer], x, w)
 
     def compute_where_stored(self, layer: int, x: Tensor, expert: int) -> Tensor:
         """The expert computed on the CPU where it is stored (the host copy, or streamed from the
-        store), nothing admitted; ``x`` and the result stay on ``x``'s device."""
+        store through the small buffer; only the reads count as read time), nothing admitted; ``x``
+        and the result stay on ``x``'s device."""
         xc = x if x.device.type == "cpu" else x.cpu()
-        if self.host_parts is not None:
-            y = self.compute(layer, xc, self.host_parts[layer][expert])
+        if self.memory.host_parts is not None:
+            y = self.compute(layer, xc, self.memory.host_parts[layer][expert])
         else:
-            y = self._streamed(layer, xc, expert)
+            chunks = self.store.stream(layer, expert, self.stream_buf)
+            y, reading = streamed_forward(self.store.layers[layer], self.acts[layer], xc, chunks)
+            self.read_s += reading
+            self.exposed_s += reading
         return y if y.device == x.device else y.to(x.device)
 
-    def _streamed(self, layer: int, x: Tensor, expert: int) -> Tensor:
-        """The expert computed straight from the store, streamed a few rows at a time through the
-        small buffer (its own weights: equal to a loaded expert's output up to float summation
-        order). Works on transposed activations so every chunk's product is written in place into
-        contiguous rows. Only the reads count as read time."""
-        spec, dt = self.store.layers[layer], x.dtype
-        x_T = x.T.contiguous()
-        h_T = x.new_empty(spec.first_out, x.shape[0])
-        y_T = x.new_empty(spec.d_model, x.shape[0])
-        a_T = bias = None
-        chunks = self.store.stream(layer, expert, self.stream_buf)
-        reading = 0.0
-        while True:
-            t0 = time.perf_counter()
-            part, r, w = next(chunks, (None, 0, None))
-            reading += time.perf_counter() - t0
-            if part is None:
-                break
-            w = w if w.dtype == dt else w.to(dt)
-            if part == "first":
-                torch.mm(w, x_T, out=h_T[r: r + w.shape[0]])
-            elif part == "bias":  # its own small tensor, not the reused buffer
-                h_T += w[: spec.first_out, None]
-                bias = w[spec.first_out:, None]
-            else:
-                if a_T is None:
-                    a_T = self.acts[layer].apply(h_T.T).T.contiguous()
-                torch.mm(w, a_T, out=y_T[r: r + w.shape[0]])
-        self.read_s += reading
-        self.exposed_s += reading
-        return (y_T if bias is None else y_T + bias).T
+    def compute_int8(self, layer: int, x: Tensor, expert: int) -> Tensor:
+        """The expert computed from its int8 copy, read into the small int8 buffer (nothing admitted)."""
+        t0 = time.perf_counter()
+        p = self.store.read_low(layer, expert, self.low_buf)
+        dt = time.perf_counter() - t0
+        self.read_s += dt
+        self.exposed_s += dt
+        return int8_forward(self.acts[layer], x, p)
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for the cache's device (a GPU's queued kernels)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.no_grad()
     def calibrate(self, repeats: int = 7, max_tokens: int = 256, dtype: torch.dtype = torch.float32) -> dict:
-        """Fiddler's rule, measured on this machine: for each layer shape, the median time to load an
-        expert into the cache (``t_load``) and to compute it there for n = 1, 2, 4... ``max_tokens``
-        tokens (``t_cache``), against computing it on the CPU where it is stored (``t_host``, moving
-        the rows there and back). ``threshold[layer]`` is the first n for which loading is no
-        dearer: fewer tokens than that are computed where the expert is stored (past ``max_tokens``,
-        ``2 * max_tokens``). ``dtype``: the model's activations'. Only before serving (it uses the
-        first slot of each pool, which must be empty); its reads are not counted in the stats."""
-        import statistics
-
-        if self.cache.where or self.cache.stats.accesses or self.inflight:
-            raise RuntimeError("ExpertServer.calibrate runs before serving (it overwrites the first slot of each pool); "
-                               "build a new server with direct='cost' instead")
-
-        def median_time(fn, *args) -> float:
-            times = []
-            for _ in range(repeats):
-                self._sync()
-                t0 = time.perf_counter()
-                fn(*args)
-                self._sync()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
-
-        grid = [1 << i for i in range(max(max_tokens, 1).bit_length()) if 1 << i <= max_tokens]
-        by_spec: dict[LayerSpec, dict] = {}
-        spent = self.read_s, self.exposed_s
-        for layer, spec in enumerate(self.store.layers):
-            if spec in by_spec:
-                continue
-            t_load = median_time(self._read, layer, 0, 0)
-            gen = torch.Generator().manual_seed(0)
-            t_cache, t_host = [], []
-            for n in grid:
-                x = torch.randn(n, spec.d_model, generator=gen, dtype=dtype).to(self.device)
-                t_cache.append(median_time(lambda x=x, layer=layer: self.compute(layer, x, self.weights(layer, 0))))
-                t_host.append(median_time(self.compute_where_stored, layer, x, 0))
-            k = next((n for n, c, h in zip(grid, t_cache, t_host) if t_load + c <= h), 2 * grid[-1])
-            by_spec[spec] = {"t_load": t_load, "tokens": grid, "t_cache": t_cache, "t_host": t_host, "threshold": k}
-        self.read_s, self.exposed_s = spent  # the calibration's streamed reads are not the run's
-        layers = [by_spec[spec] for spec in self.store.layers]
-        return {"device": str(self.device), "host": "ram" if self.host_blocks is not None else "disk",
-                "threshold": [x["threshold"] for x in layers], "layers": layers}
+        """Fiddler's rule measured on this machine (:func:`moekit.offload.calibrate.calibrate`)."""
+        return calibrate(self, repeats, max_tokens, dtype)
 
     def _wait(self, layer: int, slot: int) -> None:
         fut = self.inflight.pop((self.cache.pool_of(layer), slot), None)
@@ -305,13 +221,13 @@ class ExpertServer:
     def _load(self, layer: int, expert: int, slot: int) -> None:
         """A demand miss: read now (after any prefetch still writing that slot)."""
         self._wait(layer, slot)
-        dt = self._read(layer, expert, slot)
+        dt = self.memory.read(layer, expert, slot)
         self.read_s += dt
         self.exposed_s += dt
 
     def _submit(self, layer: int, expert: int, slot: int) -> None:
         self._wait(layer, slot)
-        self.inflight[(self.cache.pool_of(layer), slot)] = self.executor.submit(self._read, layer, expert, slot)
+        self.inflight[(self.cache.pool_of(layer), slot)] = self.executor.submit(self.memory.read, layer, expert, slot)
 
     def _issue_prefetch(self, layer: int, needed: list[int]) -> None:
         """Before ``layer`` computes ``needed``: start loading what the next access will need."""
@@ -332,12 +248,7 @@ class ExpertServer:
         """The parts of the expert in ``slot`` of ``layer``'s pool (views, made once per slot and
         layer shape), once its read is done."""
         self._wait(layer, slot)
-        spec = self.store.layers[layer]
-        views = self.views.get((spec, self.cache.pool_of(layer), slot))
-        if views is None:
-            views = self.views[spec, self.cache.pool_of(layer), slot] = spec.split(
-                self.slabs[self.cache.pool_of(layer)][slot])
-        return views
+        return self.memory.parts(layer, slot)
 
     def drain(self) -> None:
         """Wait for every read in flight (a failed one leaves its expert not resident, and raises)."""
@@ -399,7 +310,7 @@ class OffloadedExperts(nn.Module):
         def use(e: int, slot: int | str) -> None:
             rows = slice(starts[e], starts[e + 1])
             if slot == "int8":
-                out[rows] = self._low_bit(x_ND[rows], e)
+                out[rows] = server.compute_int8(self.layer, x_ND[rows], e)
             elif slot == "store":
                 out[rows] = server.compute_where_stored(self.layer, x_ND[rows], e)
             else:
@@ -416,24 +327,6 @@ class OffloadedExperts(nn.Module):
         server.cache.access(self.layer, needed, server._load, use, low=low, tokens=counts)
         return out
 
-    def _low_bit(self, x: Tensor, e: int, chunk: int = 256) -> Tensor:
-        """The expert from its int8 copy, dequantised ``chunk`` output rows at a time (small scratch)."""
-        t0 = time.perf_counter()
-        p = self.server.store.read_low(self.layer, e, self.server.low_buf)
-        dt = time.perf_counter() - t0
-        self.server.read_s += dt
-        self.server.exposed_s += dt
-
-        def linear(inp: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-            y = inp.new_empty(inp.shape[0], q.shape[0])
-            for i in range(0, q.shape[0], chunk):
-                w = q[i: i + chunk].to(inp.device, inp.dtype) * scale[i: i + chunk, None].to(inp.device, inp.dtype)
-                y[:, i: i + chunk] = inp @ w.T
-            return y if bias is None else y + bias.to(inp.device, inp.dtype)
-
-        h = linear(x, p["first"], p["first_scale"], p.get("first_bias"))
-        return linear(self.server.acts[self.layer].apply(h), p["down"], p["down_scale"], p.get("down_bias"))
-
 
 class _WeightKeeper(LocalDispatcher):
     """The local dispatcher, keeping the combine weight of each dispatched row for the experts."""
@@ -447,17 +340,18 @@ class _WeightKeeper(LocalDispatcher):
         return x_ND, seg, ctx
 
 
-def _open(store: ExpertStore | str | os.PathLike) -> ExpertStore:
+def open_store(store: ExpertStore | str | os.PathLike) -> ExpertStore:
     return store if isinstance(store, ExpertStore) else ExpertStore(store)
 
 
-def _budget_bytes(budget: float | int, store: ExpertStore) -> int:
+def budget_bytes(budget: float | int, store: ExpertStore) -> int:
+    """A budget given as a fraction of the store's experts' bytes (``<= 1``) or as bytes, in bytes."""
     if not budget > 0:
         raise ValueError(f"offload: budget must be > 0 (a fraction of the experts' bytes, or bytes), got {budget!r}")
     return int(budget * store.total_bytes()) if budget <= 1 else int(budget)  # 1.0 is 100%, not one byte
 
 
-def _attach(server: ExpertServer, layers: list[nn.Module]) -> None:
+def attach(server: ExpertServer, layers: list[nn.Module]) -> None:
     """Swap each MoE layer's experts for the server's, with the hooks the server needs."""
     server.moes = layers
     for i, moe in enumerate(layers):
@@ -484,8 +378,6 @@ def pregate_future(model: nn.Module, layers: list[nn.Module]) -> Future:
     """A :class:`Future` that the model's PreGate (Read-ME) fills as it routes: every forward first
     routes its tokens for all layers, which appends that forward's accesses before the backbone runs,
     so Belady's lookahead and ``prefetch="future"`` act on exact knowledge while generating."""
-    from moekit.routers.pregate import PreGated
-
     gate = getattr(model, "pregate", None)
     if gate is None or not all(isinstance(m.gate, PreGated) for m in layers):
         raise ValueError("future='pregate' needs a model whose every MoE layer is routed by its PreGate (a moekit GPT "
@@ -519,7 +411,7 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
     ``direct``, ``device``, ``host``: see :class:`ExpertServer` (the model must run on ``device``,
     which defaults to the device of the model's parameters: ``offload(model.cuda(), ...)`` caches
     on the GPU)."""
-    store = _open(store)
+    store = open_store(store)
     layers = moe_layers(model)
     if isinstance(future, str):
         if future != "pregate":
@@ -532,75 +424,7 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: float | int = 0.
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if device is None:  # the cache sits beside the model's other weights
         device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    server = ExpertServer(store, _budget_bytes(budget, store), policy, partition, window, future, prefetch,
+    server = ExpertServer(store, budget_bytes(budget, store), policy, partition, window, future, prefetch,
                           low_threshold, direct, device, host, dtype)
-    _attach(server, layers)
+    attach(server, layers)
     return server
-
-
-def _stale(folder: Path, stamp: dict, low_bit: bool) -> bool:
-    """Whether the store in ``folder`` must be written again: missing, damaged, written from another
-    version of the checkpoint, or without the int8 copies asked for."""
-    if kind_of(folder) != STORE_KIND:
-        return True
-    try:
-        verify(folder, STORE_KIND, "")
-        m = read_json(folder / "manifest.json")
-    except (OSError, ValueError):
-        return True
-    return m.get("source") != stamp or (low_bit and not m.get("low_bit"))
-
-
-def load_offloaded(path: str | os.PathLike, store: ExpertStore | str | os.PathLike | None = None,
-                   budget: float | int = 0.25, low_bit: bool = False, **kw):
-    """``(model, server)``: a moekit GPT saved by ``GPT.save`` at ``path``, served with its experts
-    on disk; the expert weights are never loaded into RAM (they are built on the meta device and
-    only the other tensors are read from the safetensors file, verified against its checksum
-    first). ``store`` defaults to ``path/experts``, written from the checkpoint (with int8 copies
-    if ``low_bit``) when missing, damaged or older than the checkpoint. A ``store`` folder given
-    explicitly is written only if it does not exist (or is empty); an existing folder that is not
-    an expert store is refused, never replaced. Other keyword arguments go to :func:`offload`."""
-    from safetensors import safe_open
-
-    from moekit.experts import experts_on_meta
-    from moekit.models import GPT
-    from moekit.models.gpt import WEIGHTS_FILE, read_config, verify_model
-    from moekit.offload.store import write_store
-
-    path = Path(path)
-    man = verify_model(path)
-    cfg = read_config(path)
-    stamp = {"checkpoint": str((path / WEIGHTS_FILE).resolve()), "sha256": man["files"][WEIGHTS_FILE]["sha256"]}
-    own = store is None  # path/experts is derived from the checkpoint: rebuilt whenever the checkpoint changes
-    folder = Path(store.folder if isinstance(store, ExpertStore) else store or path / "experts")
-    want_low = low_bit or kw.get("low_threshold") is not None
-    if not isinstance(store, ExpertStore):
-        exists = check_target(folder, STORE_KIND, "expert store")  # anything else there is refused, untouched
-        if not exists or (own and _stale(folder, stamp, want_low)):
-            write_store(GPT.load(path), folder, low_bit=want_low, source=stamp)
-    store = _open(store if isinstance(store, ExpertStore) else folder)
-    if store.source and store.source.get("checkpoint") == stamp["checkpoint"] and store.source != stamp:
-        raise ValueError(f"{store.folder}: written from an older version of {path / WEIGHTS_FILE}; write it again "
-                         "(moekit.offload.write_store) or leave store=None to have it rebuilt")
-    with experts_on_meta():
-        model = GPT(cfg)
-    layers = moe_layers(model)
-    specs = [LayerSpec.of(m) for m in layers]  # shapes only: the meta tensors know them
-    if specs != store.layers:
-        raise ValueError(f"{store.folder}: written for another model (expert shapes {store.layers} vs the model's "
-                         f"{specs} at {path}); write a store from this model with moekit.offload.write_store")
-    if kw.get("future") == "pregate":
-        kw["future"] = pregate_future(model, layers)
-    server = ExpertServer(store, _budget_bytes(budget, store), **kw)
-    _attach(server, layers)
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        keys = set(f.keys())
-        state = {}
-        for n in model.state_dict():
-            src = n if n in keys else "head.weight" if n == "embed.weight" else "embed.weight"
-            if src not in keys:
-                raise ValueError(f"{path / WEIGHTS_FILE}: no tensor {n!r}; was it written by GPT.save for this config?")
-            state[n] = f.get_tensor(src)
-    model.load_state_dict(state, strict=True)
-    store.check_model(model)
-    return model.to(server.device).eval(), server

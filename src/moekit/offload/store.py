@@ -8,10 +8,10 @@ and a fingerprint of the model it was written from (its routers and shapes), so 
 for another model, a truncated or corrupt file, or a missing layer is an error, never stale weights.
 The folder is written to a temporary name and renamed into place.
 
-Reads go through ``os.preadv`` straight into the caller's buffer. With ``drop_page_cache=True``
-each block is evicted from the OS page cache first (``posix_fadvise(DONTNEED)``), so every load is
-a real read from the device rather than a copy from RAM (what a benchmark needs; a user serving a
-model gains from the page cache and leaves it off).
+Reads go through ``os.preadv`` straight into the caller's buffer (:mod:`moekit.ops.uncached`). With
+``drop_page_cache=True`` each block is evicted from the OS page cache first (``posix_fadvise(DONTNEED)``),
+so every load is a real read from the device rather than a copy from RAM (what a benchmark needs; a
+user serving a model gains from the page cache and leaves it off).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from torch import Tensor, nn
 
 from moekit.io import dumps, inside, read_json, write_folder
 from moekit.io import verify as verify_folder
+from moekit.layer import MoE
+from moekit.ops.quant import quantize_int8
+from moekit.ops.uncached import ShortRead, drop_page_cache, pread_exact
 
 __all__ = ["ExpertStore", "LayerSpec", "fingerprint", "moe_layers", "write_store"]
 
@@ -44,8 +47,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
     """The model's MoE layers in forward order (module order)."""
-    from moekit.layer import MoE
-
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no moekit MoE layer to offload; convert it first "
@@ -116,17 +117,12 @@ class LayerSpec:
         return out
 
 
-def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per output row: ``w ~ q * scale[:, None]``."""
-    scale = w.detach().float().abs().amax(1).clamp_min(1e-12) / 127
-    return torch.round(w.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
 def _low_block(moe: nn.Module, e: int) -> Tensor:
+    """The int8 copy of one expert (:attr:`LayerSpec.low_parts`): int8 per output row."""
     ex = moe.experts
-    q1, s1 = quantize_rows(ex.first_proj[e])
-    q2, s2 = quantize_rows(ex.down_proj[e])
-    parts = [s1, s2]
+    q1, s1 = quantize_int8(ex.first_proj[e])
+    q2, s2 = quantize_int8(ex.down_proj[e])
+    parts = [s1.squeeze(1), s2.squeeze(1)]
     if ex.down_proj_bias is not None:
         parts += [ex.first_bias[e].detach().float(), ex.down_proj_bias[e].detach().float()]
     raw = [p.contiguous().view(torch.uint8).reshape(-1) for p in parts]
@@ -368,10 +364,11 @@ class ExpertStore:
         self._done(layer, expert, n, crc, self.crc32)
 
     def _pread(self, fd: int, buf, off: int, layer: int, expert: int) -> None:
-        got = os.preadv(fd, [buf], off)
-        if got != len(buf):
-            raise ValueError(f"{self.files[layer]}: layer {layer} expert {expert}: short read ({got} of {len(buf)} "
-                             "bytes); the store is truncated, rewrite it with moekit.offload.write_store")
+        try:
+            pread_exact(fd, buf, off)
+        except ShortRead as e:
+            raise ValueError(f"{self.files[layer]}: layer {layer} expert {expert}: short read ({e.got} of {e.want} "
+                             "bytes); the store is truncated, rewrite it with moekit.offload.write_store") from None
 
     def _locate(self, layer: int, expert: int, offsets, n: int) -> tuple[int, int]:
         """``(fd, offset)`` of a block of ``n`` bytes (dropped from the page cache first if asked)."""
@@ -379,8 +376,8 @@ class ExpertStore:
         if not 0 <= expert < spec.num_experts:
             raise IndexError(f"expert store: expert {expert} out of range for layer {layer} ({spec.num_experts} experts)")
         off, fd = offsets[layer][expert], self.fds[layer]
-        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        if self.drop_page_cache:
+            drop_page_cache(fd, off, n)
         return fd, off
 
     def _done(self, layer: int, expert: int, n: int, crc: int, crcs) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from moekit.io import IntegrityError
+from moekit.io import IntegrityError, atomic_write
+from moekit.offload.store import moe_layers
 
 __all__ = ["Trace", "record_trace"]
 
@@ -90,8 +91,6 @@ class Trace:
         existing file there must be a moekit trace."""
         from safetensors.torch import save_file
 
-        from moekit.io import atomic_write
-
         path = Path(path)
         if path.exists() and _format_of(path) != FORMAT:
             raise FileExistsError(f"{path}: exists and is not a moekit trace; choose another path")
@@ -154,8 +153,6 @@ def record_trace(model: nn.Module, sequences: Tensor | list[Tensor], forward=Non
     """Run ``model`` over each sequence (``[S]`` token ids; a ``[B, S]`` tensor is B sequences) and
     record the routing of every MoE layer, token by token. ``forward(model, ids_1S)`` runs the model
     (default: ``model(ids_1S)``)."""
-    from moekit.offload.store import moe_layers
-
     layers = moe_layers(model)
     if isinstance(sequences, Tensor):
         sequences = list(sequences) if sequences.dim() == 2 else [sequences]

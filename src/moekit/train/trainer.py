@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moekit._checks import check_number
 from moekit.data.dataset import TokenStream
@@ -44,8 +45,8 @@ from moekit.io import (
     verify,
     write_folder,
 )
-from moekit.layer import aux_loss
 from moekit.models.gpt import MODEL_KIND
+from moekit.parallel import clip_grad_norm, sync_gradients
 from moekit.train.checkpoint import (
     _STEP,
     FOLDER_KIND,
@@ -59,6 +60,8 @@ from moekit.train.checkpoint import (
 )
 from moekit.train.checkpoint import KIND as CKPT_KIND
 from moekit.train.evaluate import evaluate
+from moekit.train.schedule import warmup_cosine
+from moekit.train.step import clipped_backward, lm_and_aux, set_lr
 
 RUN_KIND = "train-run"
 #: TrainConfig fields a resumed run may change: what they mean from the resumed step on is well defined
@@ -108,10 +111,7 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        t = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+        return warmup_cosine(step, self.steps, self.lr, self.warmup_steps, self.min_lr_ratio)
 
 
 def _mean_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
@@ -366,21 +366,17 @@ class Trainer:
         self.model.train()
         x, y = self.train_data.batch(self.step, c.batch_size, c.seq_len, c.seed + 1009 * self.rank)
         lr = c.lr_at(self.step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        lm = self.model.loss(x, y)
-        aux = aux_loss(self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        (lm + aux).backward()
+        set_lr(self.optimizer, lr)
+        lm, aux = lm_and_aux(self.model, x, y)
         clip = c.grad_clip or math.inf  # the norm is computed either way: it is checked below
         if self.parallel:
-            from moekit.parallel import clip_grad_norm, sync_gradients
-
+            self.optimizer.zero_grad(set_to_none=True)
+            (lm + aux).backward()
             sync_gradients(self.model, self.ep_group)
             grad_norm = clip_grad_norm(self.model, clip, self.ep_group)
             lm, aux = _mean_over_ranks(lm.detach(), self.ep_group), _mean_over_ranks(aux.detach(), self.ep_group)
         else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            grad_norm = clipped_backward(self.optimizer, lm + aux, self.model.parameters(), clip)
         rec = {"step": self.step + 1, "loss": float(lm.detach()), "aux": float(aux.detach()), "lr": lr,
                "grad_norm": grad_norm}
         bad = [k for k in ("loss", "aux", "grad_norm") if not math.isfinite(rec[k])]
@@ -416,8 +412,6 @@ class Trainer:
     def train(self, resume: bool = False) -> list[dict]:
         """Run until ``config.steps`` or the wall-clock budget; return the metrics history. Raises
         :class:`TrainingDiverged` after ``max_nonfinite`` skipped steps in a row."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         c = self.config
         if not self.started:
             self.start(resume)

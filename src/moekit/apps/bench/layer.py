@@ -18,6 +18,7 @@ import torch
 
 from moekit.apps.bench.timing import interleaved_medians, keep_freed_memory
 from moekit.experts import available_backends
+from moekit.io import atomic_write_text, dumps
 from moekit.layer import FFN, MoE
 from moekit.routers import TopK
 
@@ -102,64 +103,50 @@ def _experts_only(moe: MoE, x, backend: str):
 DENSE = "dense (equal active)"
 
 
-def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | os.PathLike | None = None,
-                    hf: bool = True, malloc_tuning: bool = True, console=None) -> dict:
-    """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
+def _timed(case: LayerCase, hf: bool) -> tuple[dict, dict]:
+    """The forward and the forward+backward closures of every implementation on one input."""
+    x = torch.randn(1, case.T, case.d, requires_grad=True)  # [B, S, D]: HF blocks want 3D
+    grad = torch.randn(1, case.T, case.d)
+    moe = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False).train()
+    impls = {DENSE: FFN(case.d, case.k * case.d_ff), "moekit": moe}
+    for backend in available_backends():
+        m = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False, backend=backend)
+        m.load_state_dict(moe.state_dict())
+        impls[f"moekit ({backend})"] = m.train()
+    if hf:
+        impls["HF Mixtral eager"] = _hf_block(moe, case).train()
+    fwd = {name: _fwd(m, x) for name, m in impls.items()}
+    fwd_bwd = {name: _fwd_bwd(m, x, grad) for name, m in impls.items()}
+    for backend in available_backends():
+        fwd[f"experts only ({backend})"], fwd_bwd[f"experts only ({backend})"] = _experts_only(moe, x, backend)
+    return fwd, fwd_bwd
 
-    Forward is timed in eval mode under ``torch.no_grad()`` (inference); forward+backward in
-    training mode with the routers' auxiliary losses on. Implementations are timed round-robin.
-    """
-    from rich.console import Console
-    from rich.progress import Progress
+
+def _row(case: LayerCase, t_f: dict[str, float], t_fb: dict[str, float], hf: bool) -> dict:
+    """One case's tokens/s per implementation and moekit's speed relative to the dense FFN (and HF)."""
+    row = {"case": asdict(case), "impls": {}}
+    for name in t_f:
+        row["impls"][name] = {
+            "forward_s": t_f[name],
+            "forward_tok_s": case.T / t_f[name],
+            "fwd_bwd_s": t_fb[name],
+            "fwd_bwd_tok_s": case.T / t_fb[name],
+        }
+    row["ratios"] = {
+        "forward_vs_dense": t_f[DENSE] / t_f["moekit"],
+        "fwd_bwd_vs_dense": t_fb[DENSE] / t_fb["moekit"],
+        "experts_only_forward_vs_dense": t_f[DENSE] / min(t_f[f"experts only ({b})"] for b in available_backends()),
+        "experts_only_fwd_bwd_vs_dense": t_fb[DENSE] / min(t_fb[f"experts only ({b})"] for b in available_backends()),
+    }
+    if hf:
+        row["ratios"]["forward_vs_hf"] = t_f["HF Mixtral eager"] / t_f["moekit"]
+        row["ratios"]["fwd_bwd_vs_hf"] = t_fb["HF Mixtral eager"] / t_fb["moekit"]
+    return row
+
+
+def _print_results(console, results: list[dict], repeats: int, tuned: bool) -> None:
+    """The table of tokens/s against the dense FFN, then each case's ratios."""
     from rich.table import Table
-
-    console = console or Console(width=max(Console().width, 110))
-    cases = QUICK_CASES if quick else CASES
-    repeats = repeats or (3 if quick else 7)
-    tuned = keep_freed_memory() if malloc_tuning else False
-    torch.manual_seed(0)
-    results = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench layer", total=len(cases) * 2 * repeats)
-        for case in cases:
-            x = torch.randn(1, case.T, case.d, requires_grad=True)  # [B, S, D]: HF blocks want 3D
-            grad = torch.randn(1, case.T, case.d)
-            moe = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False).train()
-            impls = {DENSE: FFN(case.d, case.k * case.d_ff), "moekit": moe}
-            for backend in available_backends():
-                m = MoE(case.d, case.d_ff, case.E, router=TopK(case.k), check_finite=False, backend=backend)
-                m.load_state_dict(moe.state_dict())
-                impls[f"moekit ({backend})"] = m.train()
-            if hf:
-                impls["HF Mixtral eager"] = _hf_block(moe, case).train()
-            fwd = {name: _fwd(m, x) for name, m in impls.items()}
-            fwd_bwd = {name: _fwd_bwd(m, x, grad) for name, m in impls.items()}
-            for backend in available_backends():
-                fwd[f"experts only ({backend})"], fwd_bwd[f"experts only ({backend})"] = _experts_only(moe, x, backend)
-            progress.update(task, description=f"{case.name}: forward")
-            t_f = interleaved_medians(fwd, repeats, progress=lambda: progress.advance(task))
-            progress.update(task, description=f"{case.name}: forward+backward")
-            t_fb = interleaved_medians(fwd_bwd, repeats, progress=lambda: progress.advance(task))
-            row = {"case": asdict(case), "impls": {}}
-            for name in fwd:
-                row["impls"][name] = {
-                    "forward_s": t_f[name],
-                    "forward_tok_s": case.T / t_f[name],
-                    "fwd_bwd_s": t_fb[name],
-                    "fwd_bwd_tok_s": case.T / t_fb[name],
-                }
-            r = row["impls"]
-            row["ratios"] = {
-                "forward_vs_dense": t_f[DENSE] / t_f["moekit"],
-                "fwd_bwd_vs_dense": t_fb[DENSE] / t_fb["moekit"],
-                "experts_only_forward_vs_dense": t_f[DENSE] / min(t_f[f"experts only ({b})"] for b in available_backends()),
-                "experts_only_fwd_bwd_vs_dense": t_fb[DENSE] / min(t_fb[f"experts only ({b})"] for b in available_backends()),
-            }
-            if hf:
-                row["ratios"]["forward_vs_hf"] = t_f["HF Mixtral eager"] / t_f["moekit"]
-                row["ratios"]["fwd_bwd_vs_hf"] = t_fb["HF Mixtral eager"] / t_fb["moekit"]
-            results.append(row)
-            del r
 
     table = Table(
         title=f"moekit bench layer (fp32, {torch.get_num_threads()} threads, median of {repeats}, "
@@ -183,6 +170,34 @@ def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | 
     console.print(table)
     for row in results:
         console.print(f"{row['case']['name']}: " + ", ".join(f"{k}={v:.2f}x" for k, v in row["ratios"].items()))
+
+
+def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | os.PathLike | None = None,
+                    hf: bool = True, malloc_tuning: bool = True, console=None) -> dict:
+    """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
+
+    Forward is timed in eval mode under ``torch.no_grad()`` (inference); forward+backward in
+    training mode with the routers' auxiliary losses on. Implementations are timed round-robin.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = console or Console(width=max(Console().width, 110))
+    cases = QUICK_CASES if quick else CASES
+    repeats = repeats or (3 if quick else 7)
+    tuned = keep_freed_memory() if malloc_tuning else False
+    torch.manual_seed(0)
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench layer", total=len(cases) * 2 * repeats)
+        for case in cases:
+            fwd, fwd_bwd = _timed(case, hf)
+            progress.update(task, description=f"{case.name}: forward")
+            t_f = interleaved_medians(fwd, repeats, progress=lambda: progress.advance(task))
+            progress.update(task, description=f"{case.name}: forward+backward")
+            t_fb = interleaved_medians(fwd_bwd, repeats, progress=lambda: progress.advance(task))
+            results.append(_row(case, t_f, t_fb, hf))
+    _print_results(console, results, repeats, tuned)
     report = {
         "benchmark": "layer",
         "torch": torch.__version__,
@@ -194,8 +209,6 @@ def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | 
         "results": results,
     }
     if out is not None:
-        from moekit.io import atomic_write_text, dumps
-
         atomic_write_text(Path(out), dumps(report, indent=2))
         console.print(f"wrote {out}")
     return report

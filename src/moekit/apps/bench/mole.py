@@ -1,12 +1,12 @@
 """`moekit bench mole`: MoLE's claim — decode at dense speed with experts on disk — measured.
 
 Four demo-sized models of equal inference FLOPs (same attention, same dense/shared FFN width):
-(a) dense; (b) top-2 MoE with every expert in RAM; (c) the same MoE with its experts on disk,
-each expert a contiguous block read when a token needs it; (d) MoLE with its lookup table on
+(a) dense; (b) top-2 MoE with every expert in RAM; (c) the same MoE with its experts in an expert
+store (:mod:`moekit.offload`), each expert a contiguous block read when a token needs it (no cache); (d) MoLE with its lookup table on
 disk, each record checked against its CRC-32 as it is read (and (d'), the same with the check off, to
 measure its cost). For (c) and (d) every read is a real read: before each ``pread`` the byte range is dropped
 from the OS page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (clean pages are evicted, so
-the read goes to the device). Each model runs in its own spawned process so that its peak RSS is
+the read goes to the device; :mod:`moekit.ops.uncached`). Each model runs in its own spawned process so that its peak RSS is
 its own, and loads only what it keeps in memory: the MoE on disk and MoLE never materialise their
 experts. "RSS (model)" is the peak RSS minus the RSS after importing torch. Weights are random:
 only speed, memory and bytes moved are measured here.
@@ -14,6 +14,7 @@ only speed, memory and bytes moved are measured here.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import platform
 import random
@@ -25,64 +26,42 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 from torch import Tensor, nn
 
 from moekit.apps.bench.timing import interleaved_medians, peak_rss_mb, rss_mb
 from moekit.dispatch import Segments
-from moekit.experts import GroupedExperts, get_activation
+from moekit.experts import get_activation
+from moekit.io import atomic_write_text, dumps
 from moekit.models import GPT, GPTConfig
-from moekit.models.gpt import WEIGHTS_FILE, read_config
-from moekit.ops.rotary import Rotary
+from moekit.models.loading import load_without_experts
+from moekit.models.mole import load_served, reparameterize
+from moekit.offload import ExpertStore, moe_layers, write_store
+from moekit.offload.kernels import expert_forward
+from moekit.ops.uncached import read_uncached
 
 #: ``mole-disk`` checks every record it reads against its CRC-32 (moekit's default);
 #: ``mole-disk-unchecked`` is the same model with the check off, to measure what the check costs
 CONFIGS = ("dense", "moe-ram", "moe-disk", "mole-disk", "mole-disk-unchecked")
 
 
-def _drop_cache(fd: int, offset: int, length: int) -> None:
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+class StoreExperts(nn.Module):
+    """One MoE layer's experts read from an expert store whenever a token needs them (no cache: every
+    needed expert is one read of its block, then computed)."""
 
-
-class DiskExperts(nn.Module):
-    """Experts kept on disk, one contiguous block each (``gate_up`` then ``down``), read on demand."""
-
-    def __init__(self, path: Path, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu") -> None:
+    def __init__(self, store: ExpertStore, layer: int) -> None:
         super().__init__()
-        self.act, self.d_model, self.d_ff = get_activation(activation), d_model, d_ff
-        first = 2 * d_ff if self.act.gated else d_ff
-        self.first_shape, self.down_shape = (first, d_model), (d_model, d_ff)
-        self.block_bytes = (first * d_model + d_model * d_ff) * 4
-        if os.path.getsize(path) != num_experts * self.block_bytes:
-            raise ValueError(f"{path}: expected {num_experts} experts of {self.block_bytes} bytes")
-        self.fd = os.open(path, os.O_RDONLY)
-        self.bytes_read = 0
-
-    @staticmethod
-    def write(experts: GroupedExperts, path: Path) -> None:
-        with open(path, "wb") as f:
-            for w1, w2 in zip(experts.first_proj, experts.down_proj):
-                f.write(torch.cat([w1.reshape(-1), w2.reshape(-1)]).detach().float().numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())  # dirty pages cannot be dropped from the page cache: write them out first
-
-    def load(self, e: int) -> tuple[Tensor, Tensor]:
-        off = e * self.block_bytes
-        _drop_cache(self.fd, off, self.block_bytes)
-        buf = bytearray(os.pread(self.fd, self.block_bytes, off))
-        self.bytes_read += len(buf)
-        flat = torch.frombuffer(buf, dtype=torch.float32)
-        n1 = self.first_shape[0] * self.first_shape[1]
-        return flat[:n1].view(self.first_shape), flat[n1:].view(self.down_shape)
+        self.store, self.layer, self.spec = store, layer, store.layers[layer]
+        self.act, self.d_model = get_activation(self.spec.activation), self.spec.d_model
+        self.buf = torch.empty(self.spec.numel, dtype=store.dtype)
 
     def forward(self, x_ND: Tensor, seg: Segments) -> Tensor:
         out, start = x_ND.new_empty(x_ND.shape[0], self.d_model), 0
         for e, n in enumerate(seg.sizes):
             if n:
-                w1, w2 = self.load(e)
-                rows = slice(start, start + n)
-                out[rows] = F.linear(self.act.apply(F.linear(x_ND[rows], w1)), w2)
+                w = self.spec.split(self.store.read(self.layer, e, self.buf))
+                out[start: start + n] = expert_forward(self.act, x_ND[start: start + n], w)
                 start += n
         return out
 
@@ -93,16 +72,13 @@ def _base(vocab: int) -> GPTConfig:
 
 def _prepare(folder: Path, vocab: int) -> None:
     """Build every model once (same seed) and write what each configuration loads."""
-    from moekit.models.mole import reparameterize
-
     base = _base(vocab)
     torch.manual_seed(0)
     GPT(base).save(folder / "dense")
     torch.manual_seed(0)
     moe = GPT(base.with_moe(num_experts=8, k=2))
     moe.save(folder / "moe")
-    for i, block in enumerate(moe.blocks):
-        DiskExperts.write(block.ffn.experts, folder / f"experts_{i}.bin")
+    write_store(moe, folder / "moe_store")
     torch.manual_seed(0)
     mole = GPT(replace(base, ffn=[{"kind": "mole", "num_experts": 4, "d_ff": 512}] * base.n_layers)).eval()
     mole.save(folder / "mole")
@@ -112,38 +88,25 @@ def _prepare(folder: Path, vocab: int) -> None:
     shutil.copytree(folder / "mole_table", folder / "mole_table_copy")
 
 
-def _load_moe_on_disk(folder: Path) -> GPT:
-    """The MoE with every expert left on disk: only the rest of the model is loaded."""
-    from safetensors import safe_open
+def _load_moe_on_disk(folder: Path) -> tuple[GPT, ExpertStore]:
+    """The MoE with every expert left in its store (read unchecked, past the page cache, as the
+    experts of (c) were always read): only the rest of the model is loaded."""
+    store = ExpertStore(folder / "moe_store", verify=False, drop_page_cache=True)
 
-    cfg = read_config(folder / "moe")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    for i, block in enumerate(model.blocks):
-        spec = cfg.layer_ffn(i)
-        block.ffn.experts = DiskExperts(folder / f"experts_{i}.bin", spec["num_experts"], cfg.d_model, spec["d_ff"])
-    model = model.to_empty(device="cpu")
-    with safe_open(str(folder / "moe" / WEIGHTS_FILE), framework="pt") as f:
-        keys = set(f.keys())
-        state = {n: f.get_tensor(n if n in keys else "head.weight" if n == "embed.weight" else "embed.weight")
-                 for n in model.state_dict()}
-    if cfg.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
-        model.head.weight = model.embed.weight
-    model.load_state_dict(state, strict=True)
-    model.rope = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-    return model
+    def swap(model: GPT, manifest: dict) -> None:
+        for i, moe in enumerate(moe_layers(model)):
+            moe.experts = StoreExperts(store, i)
+
+    return load_without_experts(folder / "moe", swap), store
 
 
 def _load(name: str, folder: Path) -> tuple[nn.Module, callable]:
     """The model of one configuration and a counter of the bytes it has read from disk."""
-    from moekit.models.mole import load_served
-
     if name in ("dense", "moe-ram"):
         return GPT.load(folder / ("dense" if name == "dense" else "moe")).eval(), (lambda: 0)
     if name == "moe-disk":
-        model = _load_moe_on_disk(folder).eval()
-        disks = [b.ffn.experts for b in model.blocks]
-        return model, (lambda: sum(d.bytes_read for d in disks))
+        model, store = _load_moe_on_disk(folder)
+        return model, (lambda: store.bytes_read)
     model = load_served(folder / "mole", folder / ("mole_table_copy" if name == "mole-disk-unchecked" else "mole_table"))
     table = model.blocks[0].ffn.table
     table.drop_page_cache = True
@@ -216,12 +179,12 @@ def _measure_speed(folder: str, vocab: int, new_tokens: int, repeats: int) -> di
 def _disk_read_mb_s(path: Path, block: int, reads: int = 64) -> float:
     """Median bandwidth of single ``pread`` calls of ``block`` bytes after dropping them from the page cache."""
     fd, size, times = os.open(path, os.O_RDONLY), os.path.getsize(path), []
+    buf = bytearray(block)
     try:
         for i in range(reads):
             off = (i * block) % max(size - block, 1)
-            _drop_cache(fd, off, block)
             t0 = time.perf_counter()
-            os.pread(fd, block, off)
+            read_uncached(fd, buf, off)
             times.append(time.perf_counter() - t0)
     finally:
         os.close(fd)
@@ -229,11 +192,6 @@ def _disk_read_mb_s(path: Path, block: int, reads: int = 64) -> float:
 
 
 def run_mole_bench(out: str | os.PathLike | None = None, quick: bool = False, console=None) -> dict:
-    import multiprocessing as mp
-
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     vocab, new_tokens, repeats = (1024, 16, 2) if quick else (4096, 64, 7)
     ctx = mp.get_context("spawn")
@@ -247,8 +205,10 @@ def run_mole_bench(out: str | os.PathLike | None = None, quick: bool = False, co
         console.print("[dim]mole bench: speed, every model in turn...[/dim]")
         with ctx.Pool(1) as pool:
             speed = pool.apply(_measure_speed, (tmp, vocab, new_tokens, repeats))
-        expert_bytes = DiskExperts(Path(tmp) / "experts_0.bin", 8, 128, 256).block_bytes
-        disk_mb_s = _disk_read_mb_s(Path(tmp) / "experts_0.bin", expert_bytes)
+        store = ExpertStore(Path(tmp) / "moe_store")
+        expert_bytes = store.expert_bytes(0)
+        disk_mb_s = _disk_read_mb_s(store.files[0], expert_bytes)
+        store.close()
     results = [{**m, **speed[m["config"]]} for m in memory]
     by = {r["config"]: r for r in results}
     ms = {n: by[n]["decode_ms"] for n in by}
@@ -277,11 +237,9 @@ def run_mole_bench(out: str | os.PathLike | None = None, quick: bool = False, co
               "disk_read_mb_s": disk_mb_s, "expert_bytes": expert_bytes,
               "expected_mole_bytes_per_token": 4 * 4 * 128 * 2}
     if out is not None:
-        from moekit.io import atomic_write_text, dumps
-
         atomic_write_text(Path(out), dumps(report, indent=2))
         console.print(f"wrote {out}")
     return report
 
 
-__all__ = ["run_mole_bench", "DiskExperts", "CONFIGS"]
+__all__ = ["run_mole_bench", "StoreExperts", "CONFIGS"]

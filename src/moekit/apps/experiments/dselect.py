@@ -12,13 +12,14 @@ import functools
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
+from moekit.apps.experiments.output import print_table, write_results
+from moekit.apps.report import markdown_table, pyplot, save_figure
 from moekit.data.multitask import multi_digits, synthetic_regression
-from moekit.io import atomic_write_text, dumps
 from moekit.layer import aux_loss
 from moekit.models.mmoe import MultiGateMoE
 from moekit.routers import DSelectK, TopK
@@ -95,9 +96,6 @@ def run_one(dataset: str, gate: str, seed: int, epochs: int, quick: bool = False
 
 
 def run(out: str | os.PathLike = "runs/experiments/dselect", seeds: int = 3, quick: bool = False) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     t0 = time.perf_counter()
     epochs = {"synthetic": 4 if quick else 12, "digits": 4 if quick else 12}
@@ -108,20 +106,14 @@ def run(out: str | os.PathLike = "runs/experiments/dselect", seeds: int = 3, qui
                 runs.append(run_one(dataset, gate, seed, epochs[dataset], quick))
                 console.print(f"[dim]{dataset} / {gate} / seed {seed}: {runs[-1]['metric']}[/dim]")
     summary = summarize(runs)
-    table = Table(title="DSelect-k vs softmax and top-k gates (mean over seeds)")
-    for col in ("data set", "gate", "test MSE / accuracy (mean over tasks)", "non-zero experts per task (end)",
-                "chosen set changed (last epoch)"):
-        table.add_column(col)
-    for row in summary:
-        table.add_row(row["dataset"], row["gate"], f"{row['metric']:.4f} ± {row['metric_sd']:.4f}",
-                      f"{row['nonzero_end']:.2f}", f"{row['changed_end']:.1%}")
-    console.print(table)
+    print_table(console, "DSelect-k vs softmax and top-k gates (mean over seeds)",
+                ("data set", "gate", "test MSE / accuracy (mean over tasks)", "non-zero experts per task (end)",
+                 "chosen set changed (last epoch)"),
+                [(row["dataset"], row["gate"], f"{row['metric']:.4f} ± {row['metric_sd']:.4f}",
+                  f"{row['nonzero_end']:.2f}", f"{row['changed_end']:.1%}") for row in summary])
     result = {"experiment": "dselect", "seeds": seeds, "epochs": epochs, "summary": summary, "runs": runs,
               "wall_s": time.perf_counter() - t0}
-    out = Path(out)
-    atomic_write_text(out / "results.json", dumps(result))
-    plot(runs, out / "dselect.png")
-    console.print(f"wrote {out}/results.json and dselect.png ({result['wall_s']:.0f} s)")
+    write_results(out, result, console, "dselect.png", lambda path: plot(runs, path))
     return result
 
 
@@ -143,9 +135,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def plot(runs: list[dict], path) -> None:
-    from moekit.apps.report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, dataset in zip(axes, ("synthetic", "digits")):
         for i, gate in enumerate(GATES):
@@ -159,12 +149,10 @@ def plot(runs: list[dict], path) -> None:
         ax.set_yscale("log", base=2)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def report_markdown(result: dict) -> str:
-    from moekit.apps.report import markdown_table
-
     rows = [[r["dataset"], r["gate"], f"{r['metric']:.4f} ± {r['metric_sd']:.4f} ({r['metric_name']})",
              f"{r['nonzero_end']:.2f}", f"{r['changed_end']:.1%}"] for r in result["summary"]]
     return "\n".join([

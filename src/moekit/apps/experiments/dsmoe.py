@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from rich.console import Console
 
-from moekit.apps.experiments._lm import base_config, corpus, experts_per_token, settings
+from moekit.apps.experiments.lm import base_config, corpus, experts_per_token, settings
+from moekit.apps.experiments.output import print_table, write_results
+from moekit.apps.report import markdown_table, pyplot, save_figure
 from moekit.convert.partition import partition_gpt
-from moekit.io import atomic_write_text, dumps
 from moekit.models import GPT
 from moekit.train import TrainConfig, Trainer, evaluate
 
@@ -50,9 +51,6 @@ def _train(model, train, val, s, steps, lr, seed, eval_chunks, name):
 
 
 def run(out: str | os.PathLike = "runs/experiments/dsmoe", seeds: int = 2, quick: bool = False) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     t0 = time.perf_counter()
     s, _ = settings(quick)
@@ -82,6 +80,23 @@ def run(out: str | os.PathLike = "runs/experiments/dsmoe", seeds: int = 2, quick
                          "k": (args or {}).get("k"), "router_args": args, "history": hist,
                          "mean_active": statistics.mean(ly["mean_experts"] for ly in layers) if layers else float(E),
                          "dead": sum(ly["dead_experts"] for ly in layers)})
+    summary = summarize(runs)
+    print_table(console, f"DSMoE vs no-STE vs top-k: dense pre-trained {pre_steps} steps (val ppl {pre_ev.ppl:.1f}), "
+                f"then {ft_steps} steps each, {seeds} seeds, 8 experts of d_ff {s.d_ff // E}",
+                ("variant", "val ppl", "active experts / token (of 8)", "dead experts (all layers)", "paper PPL (1B)"),
+                [(row["variant"] + (f" (k={row['k']})" if row["k"] else ""),
+                  f"{row['val_ppl']:.2f} ± {row['val_ppl_sd']:.2f}", f"{row['mean_active']:.2f}",
+                  f"{row['dead_experts']:.1f}", "—" if row["paper_ppl"] is None else f"{row['paper_ppl']}")
+                 for row in summary])
+    result = {"experiment": "dsmoe", "seeds": seeds, "steps": ft_steps, "pretrain_steps": pre_steps,
+              "pretrained_ppl": pre_ev.ppl, "finetune_lr": ft_lr, "summary": summary, "runs": runs,
+              "wall_s": time.perf_counter() - t0}
+    write_results(out, result, console, "dsmoe.png", lambda path: plot(runs, path))
+    return result
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per variant (in :data:`PAPER`'s order), the means over seeds."""
     summary = []
     for variant in PAPER:
         rs = [r for r in runs if r["variant"] == variant]
@@ -91,29 +106,11 @@ def run(out: str | os.PathLike = "runs/experiments/dsmoe", seeds: int = 2, quick
             "mean_active": statistics.mean(r["mean_active"] for r in rs),
             "dead_experts": statistics.mean(r["dead"] for r in rs), "paper_ppl": PAPER[variant], "k": rs[0]["k"],
         })
-    table = Table(title=f"DSMoE vs no-STE vs top-k: dense pre-trained {pre_steps} steps (val ppl {pre_ev.ppl:.1f}), "
-                        f"then {ft_steps} steps each, {seeds} seeds, 8 experts of d_ff {s.d_ff // E}")
-    for col in ("variant", "val ppl", "active experts / token (of 8)", "dead experts (all layers)", "paper PPL (1B)"):
-        table.add_column(col)
-    for row in summary:
-        label = row["variant"] + (f" (k={row['k']})" if row["k"] else "")
-        table.add_row(label, f"{row['val_ppl']:.2f} ± {row['val_ppl_sd']:.2f}", f"{row['mean_active']:.2f}",
-                      f"{row['dead_experts']:.1f}", "—" if row["paper_ppl"] is None else f"{row['paper_ppl']}")
-    console.print(table)
-    result = {"experiment": "dsmoe", "seeds": seeds, "steps": ft_steps, "pretrain_steps": pre_steps,
-              "pretrained_ppl": pre_ev.ppl, "finetune_lr": ft_lr, "summary": summary, "runs": runs,
-              "wall_s": time.perf_counter() - t0}
-    out = Path(out)
-    atomic_write_text(out / "results.json", dumps(result))
-    plot(runs, out / "dsmoe.png")
-    console.print(f"wrote {out}/results.json and dsmoe.png ({result['wall_s']:.0f} s)")
-    return result
+    return summary
 
 
 def plot(runs: list[dict], path) -> None:
-    from moekit.apps.report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     variants = [v for v in PAPER if v != "dense (trained on)"]
     for i, v in enumerate(variants):
@@ -135,12 +132,10 @@ def plot(runs: list[dict], path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def report_markdown(result: dict) -> str:
-    from moekit.apps.report import markdown_table
-
     rows = [[r["variant"] + (f" (k={r['k']})" if r["k"] else ""), f"{r['val_ppl']:.2f} ± {r['val_ppl_sd']:.2f}",
              f"{r['mean_active']:.2f}", f"{r['dead_experts']:.1f}",
              "—" if r["paper_ppl"] is None else str(r["paper_ppl"])] for r in result["summary"]]

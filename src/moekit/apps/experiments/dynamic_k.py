@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from rich.console import Console
 
-from moekit.apps.experiments._lm import experts_per_token, setup, train_lm, with_router
-from moekit.io import atomic_write_text, dumps
+from moekit.apps.experiments.lm import experts_per_token, setup, train_lm, with_router
+from moekit.apps.experiments.output import print_table, write_results
+from moekit.apps.report import markdown_table, pyplot, save_figure
 from moekit.layer import MoE
 
 VARIANTS = {
@@ -40,9 +41,6 @@ def k_vs_importance(model, val, s, chunks: int = 32) -> list[dict]:
 
 
 def run(out: str | os.PathLike = "runs/experiments/dynamic-k", seeds: int = 2, quick: bool = False) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     t0 = time.perf_counter()
     s, steps, train, val, base, eval_chunks = setup(quick, console)
@@ -62,26 +60,18 @@ def run(out: str | os.PathLike = "runs/experiments/dynamic-k", seeds: int = 2, q
         summary.append({"variant": name, "val_ppl": statistics.mean(r["val_ppl"] for r in rs),
                         "val_ppl_sd": statistics.pstdev([r["val_ppl"] for r in rs]),
                         "mean_k": statistics.mean(r["mean_k"] for r in rs)})
-    table = Table(title=f"DA-MoE dynamic K vs top-2 ({steps} steps x {s.batch_size * s.seq_len} tokens, {seeds} seeds)")
-    for col in ("variant", "val ppl", "mean experts / token (validation)"):
-        table.add_column(col)
-    for row in summary:
-        table.add_row(row["variant"], f"{row['val_ppl']:.2f} ± {row['val_ppl_sd']:.2f}", f"{row['mean_k']:.2f}")
-    console.print(table)
+    print_table(console, f"DA-MoE dynamic K vs top-2 ({steps} steps x {s.batch_size * s.seq_len} tokens, {seeds} seeds)",
+                ("variant", "val ppl", "mean experts / token (validation)"),
+                [(row["variant"], f"{row['val_ppl']:.2f} ± {row['val_ppl_sd']:.2f}", f"{row['mean_k']:.2f}")
+                 for row in summary])
     result = {"experiment": "dynamic-k", "seeds": seeds, "steps": steps, "summary": summary, "runs": runs,
               "k_vs_importance": scatter, "wall_s": time.perf_counter() - t0}
-    out = Path(out)
-    atomic_write_text(out / "results.json", dumps(result))
-    if scatter:
-        plot(scatter, out / "dynamic_k.png")
-    console.print(f"wrote {out}/results.json and dynamic_k.png ({result['wall_s']:.0f} s)")
+    write_results(out, result, console, "dynamic_k.png", (lambda path: plot(scatter, path)) if scatter else None)
     return result
 
 
 def plot(scatter: list[dict], path) -> None:
-    from moekit.apps.report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(scatter), figsize=(3.2 * len(scatter), 3.2), squeeze=False)
     for ax, d in zip(axes[0], scatter):
         imp, k = torch.tensor(d["importance"]), torch.tensor(d["k"]).float()
@@ -93,12 +83,10 @@ def plot(scatter: list[dict], path) -> None:
         ax.set_ylabel("experts K")
         ax.grid(alpha=0.3)
     fig.suptitle("DA-MoE: experts per token against importance (validation, seed 0)", fontsize=9, y=1.03)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def report_markdown(result: dict) -> str:
-    from moekit.apps.report import markdown_table
-
     rows = [[r["variant"], f"{r['val_ppl']:.2f} ± {r['val_ppl_sd']:.2f}", f"{r['mean_k']:.2f}"]
             for r in result["summary"]]
     return "\n".join([

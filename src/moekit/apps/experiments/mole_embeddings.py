@@ -15,7 +15,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from moekit.apps.experiments._lm import setup, train_lm
+from rich.console import Console
+
+from moekit.apps.experiments.lm import setup, train_lm
+from moekit.apps.experiments.output import print_table
 from moekit.io import atomic_write_text, dumps
 
 ARMS = ("dense", "mole")
@@ -29,9 +32,6 @@ def _config(base, arm: str, tied: bool):
 
 
 def run(out: str | os.PathLike = "runs/experiments/mole-embeddings", seeds: int = 1, quick: bool = False) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     t0 = time.perf_counter()
     s, steps, train, val, base, eval_chunks = setup(quick, console)
@@ -53,12 +53,10 @@ def run(out: str | os.PathLike = "runs/experiments/mole-embeddings", seeds: int 
               "runs": runs, "wall_s": time.perf_counter() - t0}
     out = Path(out)
     atomic_write_text(out / "results.json", dumps(result))
-    table = Table(title=f"tied vs untied embeddings ({steps} steps, {seeds} seed(s))")
-    for col in ("arm", "embeddings", "params", "val ppl"):
-        table.add_column(col)
-    for r in summary:
-        table.add_row(r["arm"], "tied" if r["tied"] else "untied", f"{r['params'] / 1e6:.2f}M", f"{r['val_ppl']:.2f}")
-    console.print(table)
+    print_table(console, f"tied vs untied embeddings ({steps} steps, {seeds} seed(s))",
+                ("arm", "embeddings", "params", "val ppl"),
+                [(r["arm"], "tied" if r["tied"] else "untied", f"{r['params'] / 1e6:.2f}M", f"{r['val_ppl']:.2f}")
+                 for r in summary])
     return result
 
 

@@ -1,11 +1,12 @@
+"""`moekit demo` (moekit/apps/demo/run.py): the quick demo end to end, the report written again, the
+checks before any work, and the experiments' results in the report."""
+
 import json
-import re
 
 import pytest
 
 from moekit.apps.cli.main import main
 from moekit.apps.demo import run_demo
-from tests.faults import resign
 
 
 def test_quick_demo_writes_report_and_figures(tmp_path):
@@ -43,36 +44,6 @@ def test_report_only_needs_a_finished_demo(tmp_path, capsys):
 def test_demo_rejects_unknown_variant(tmp_path):
     with pytest.raises(ValueError, match="unknown variants"):
         run_demo(out=tmp_path, quick=True, variants=["nope"], progress=False)
-
-
-def _train_args(data, out, *extra):
-    return ["train", "--data", str(data), "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--eval-every", "2",
-            "--vocab", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--seq-len", "16",
-            "--batch-size", "2", "--warmup", "1", "--no-progress", *extra]
-
-
-def test_cli_train_resume_and_tokenizer_mismatch(tmp_path, capsys):
-    data = tmp_path / "corpus.txt"
-    data.write_text("\n\n".join(f"paragraph {i}: the cat sat on the mat and looked around." for i in range(300)),
-                    encoding="utf-8")
-    out = tmp_path / "run"
-    assert main(_train_args(data, out, "--ffn", "moe", "--experts", "4")) == 0
-    assert (out / "model" / "model.safetensors").exists() and (out / "checkpoints" / "latest").exists()
-    assert main(_train_args(data, out, "--resume")) == 0  # already at its last step: nothing lost, no error
-    from moekit.data import train_tokenizer
-
-    other, _ = train_tokenizer(["completely different text " * 40], 280, cache_dir=tmp_path / "tok")
-    (out / "tokenizer.json").write_text(other.to_str())
-    assert main(_train_args(data, out, "--resume")) == 1  # replaced by hand: its checksum no longer matches
-    assert "tokenizer.json: " in capsys.readouterr().err
-    resign(out)  # and behind the checksum, the vocabulary is checked
-    assert main(_train_args(data, out, "--resume")) == 1
-    assert re.search("vocab_size=.*resume with the tokenizer the run was started with", capsys.readouterr().err)
-
-
-def test_cli_train_missing_data(tmp_path, capsys):
-    assert main(_train_args(tmp_path / "missing.txt", tmp_path / "run")) == 1
-    assert "no such file" in capsys.readouterr().err
 
 
 def test_demo_report_includes_experiment_results(tmp_path):

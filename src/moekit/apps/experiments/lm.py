@@ -1,4 +1,5 @@
-"""Shared pieces of the language-model experiments: same corpus, model size and batches as the demo."""
+"""What the language-model experiments share: the demo's corpus, model size and batches, one GPT
+trained and evaluated, and its experts counted per token."""
 
 from __future__ import annotations
 
