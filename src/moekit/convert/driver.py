@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import nn
 
 from moekit.convert.build import ConvertedFFN, RoutingContext
-from moekit.convert.ffn import family_of, find_ffns
+from moekit.convert.ffn import DenseFFN, FFNSite, family_of, find_ffns
 from moekit.models import GPT
 
-if TYPE_CHECKING:
-    from moekit.convert.method import ConversionMethod
+
+class Method(Protocol):
+    """What the driver calls on a method (:class:`~moekit.convert.method.ConversionMethod` documents each)."""
+
+    name: str
+    routed_by_context: bool
+
+    def prepare(self, model: nn.Module) -> None: ...
+
+    def build(self, site: FFNSite, ffn: DenseFFN) -> tuple[nn.Module, dict]: ...
+
+    def attach(self, model: nn.Module, context: RoutingContext | None) -> dict: ...
+
+    def settings(self) -> dict: ...
 
 __all__ = ["convert_model", "gpt_spec"]
 
@@ -29,7 +41,7 @@ def gpt_spec(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if k not in ("groups", "channels")}
 
 
-def convert_model(model: nn.Module, method: ConversionMethod) -> nn.Module:
+def convert_model(model: nn.Module, method: Method) -> nn.Module:
     """A copy of ``model`` with every FFN replaced by what ``method.build`` returns (see
     :class:`~moekit.convert.method.ConversionMethod` for the order of the calls)."""
     family = family_of(model)

@@ -17,23 +17,15 @@ from torch import Tensor, nn
 from moekit.convert.build import bias_flags, empty_moe, moe_from_channels, router_spec
 from moekit.convert.calibration import (
     MIN_CALIBRATION_TOKENS,
-    calibration_batches,
-    calibration_batches_for,
     channel_importance,
-    default_run,
 )
 from moekit.convert.ffn import DenseFFN, FFNSite, find_ffns
-from moekit.convert.groups import check_divides, cluster_groups, contiguous_groups, valid_expert_counts
+from moekit.convert.groups import check_divides, cluster_groups, contiguous_groups
 from moekit.convert.method import ConversionMethod, register_method
 from moekit.layer import FFN, MoE
 from moekit.routing import Router
 
-__all__ = ["Partition", "partition", "partition_ffn", "moe_from_ffn", "partition_gpt", "contiguous_groups",
-           "cluster_groups", "channel_importance", "valid_expert_counts", "calibration_batches", "default_run",
-           "MIN_CALIBRATION_TOKENS"]
-
-_calibration = calibration_batches_for
-_bias_flags = bias_flags
+__all__ = ["Partition", "partition", "partition_ffn", "moe_from_ffn", "partition_gpt"]
 
 
 @register_method("partition")

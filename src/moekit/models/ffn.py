@@ -1,7 +1,7 @@
 """The GPT's FFN slot: a registry of FFN kinds, so a config names each layer's FFN by string.
 
 A kind is a function ``build(cfg, spec) -> nn.Module`` registered under a name: ``cfg`` is the
-model's :class:`~moekit.models.gpt.GPTConfig` (width, dense ``d_ff``, ``norm_eps``), ``spec`` the
+model's :class:`~moekit.models.config.GPTConfig` (width, dense ``d_ff``, ``norm_eps``), ``spec`` the
 layer's dict from ``GPTConfig.ffn`` (``{"kind": name, ...}``). The module maps ``[B, T, D] ->
 [B, T, D]``; if it needs more than the hidden states it says so with a ``context_keys`` tuple
 (``token_ids``, ``embeddings``, ``importance``, ``expert_ids``), or its router does. Built in:
@@ -12,20 +12,17 @@ router reads the PreGate's choice) here, and ``mole`` in :mod:`moekit.models.mol
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from moekit.layer import FFN, MoE
+from moekit.models.config import GPTConfig
 from moekit.registry import Registry
 from moekit.routers import build_router
 
-if TYPE_CHECKING:
-    from moekit.models.gpt import GPTConfig
-
 __all__ = ["register_ffn", "build_ffn", "available_ffns"]
 
-Builder = Callable[["GPTConfig", dict], nn.Module]
+Builder = Callable[[GPTConfig, dict], nn.Module]
 FFNS: Registry[Builder] = Registry("GPTConfig.ffn", noun="kind")
 
 

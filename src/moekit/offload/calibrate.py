@@ -1,24 +1,21 @@
 """Fiddler's rule measured on this machine: for how few tokens is an expert better computed where it
-is stored (on the CPU) than loaded into the cache's device and computed there."""
+is stored (on the CPU) than loaded into the cache's device and computed there. ``server`` is the
+:class:`~moekit.offload.runtime.ExpertServer` being calibrated (it calls :func:`calibrate`)."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from moekit.offload.store import LayerSpec
 
-if TYPE_CHECKING:
-    from moekit.offload.runtime import ExpertServer
-
 __all__ = ["calibrate"]
 
 
-def _median_time(server: ExpertServer, repeats: int, fn: Callable, *args) -> float:
+def _median_time(server, repeats: int, fn: Callable, *args) -> float:
     times = []
     for _ in range(repeats):
         server.sync()
@@ -29,7 +26,7 @@ def _median_time(server: ExpertServer, repeats: int, fn: Callable, *args) -> flo
     return statistics.median(times)
 
 
-def _layer_costs(server: ExpertServer, layer: int, spec: LayerSpec, grid: list[int], repeats: int,
+def _layer_costs(server, layer: int, spec: LayerSpec, grid: list[int], repeats: int,
                  dtype: torch.dtype) -> dict:
     """The measured costs of one layer shape, with the first token count for which loading is no dearer."""
     t_load = _median_time(server, repeats, server.memory.read, layer, 0, 0)
@@ -44,7 +41,7 @@ def _layer_costs(server: ExpertServer, layer: int, spec: LayerSpec, grid: list[i
 
 
 @torch.no_grad()
-def calibrate(server: ExpertServer, repeats: int = 7, max_tokens: int = 256, dtype: torch.dtype = torch.float32) -> dict:
+def calibrate(server, repeats: int = 7, max_tokens: int = 256, dtype: torch.dtype = torch.float32) -> dict:
     """For each layer shape, the median time to load an expert into the cache (``t_load``) and to
     compute it there for n = 1, 2, 4... ``max_tokens`` tokens (``t_cache``), against computing it on
     the CPU where it is stored (``t_host``, moving the rows there and back). ``threshold[layer]`` is

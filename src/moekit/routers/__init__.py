@@ -1,6 +1,6 @@
 """Routers: each returns a :class:`moekit.Routing`. One file per router; one registry line each."""
 
-from moekit.routers._registry import available_routers, build_router, register_router
+from moekit.routers._registry import available_routers, build_router, register_router, router_class
 from moekit.routers.dselect import DSelectK
 from moekit.routers.dynamic_k import DynamicK
 from moekit.routers.expert_choice import ExpertChoice
@@ -23,4 +23,5 @@ __all__ = [
     "available_routers",
     "build_router",
     "register_router",
+    "router_class",
 ]

@@ -15,8 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moekit.apps.bench.timing import interleaved_medians, keep_freed_memory
+from moekit.convert.hf import to_hf
 from moekit.experts import available_backends
 from moekit.io import atomic_write_text, dumps
 from moekit.layer import FFN, MoE
@@ -44,11 +50,6 @@ QUICK_CASES = [
 
 
 def _hf_block(moe: MoE, case: LayerCase):
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    from moekit.convert.hf import to_hf
-
     cfg = MixtralConfig(
         hidden_size=case.d,
         intermediate_size=case.d_ff,
@@ -146,8 +147,6 @@ def _row(case: LayerCase, t_f: dict[str, float], t_fb: dict[str, float], hf: boo
 
 def _print_results(console, results: list[dict], repeats: int, tuned: bool) -> None:
     """The table of tokens/s against the dense FFN, then each case's ratios."""
-    from rich.table import Table
-
     table = Table(
         title=f"moekit bench layer (fp32, {torch.get_num_threads()} threads, median of {repeats}, "
         f"malloc tuning {'on' if tuned else 'off'})"
@@ -179,9 +178,6 @@ def run_layer_bench(quick: bool = False, repeats: int | None = None, out: str | 
     Forward is timed in eval mode under ``torch.no_grad()`` (inference); forward+backward in
     training mode with the routers' auxiliary losses on. Implementations are timed round-robin.
     """
-    from rich.console import Console
-    from rich.progress import Progress
-
     console = console or Console(width=max(Console().width, 110))
     cases = QUICK_CASES if quick else CASES
     repeats = repeats or (3 if quick else 7)

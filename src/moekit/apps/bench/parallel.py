@@ -22,23 +22,27 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from rich.console import Console
+from rich.table import Table
 
-from moekit.parallel import exit_now
+from moekit.io import atomic_write_text, dumps
+from moekit.layer import aux_loss
+from moekit.models import GPT, GPTConfig
+from moekit.parallel import exit_now, expert_parallel, is_expert_parallel, sync_gradients
+from moekit.parallel.dispatch import AllToAllDispatcher
 
 __all__ = ["run_parallel_bench"]
 
 
 def _config(quick: bool):
-    from moekit.models import GPTConfig
-
     if quick:
         return GPTConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=2, max_seq_len=32, d_ff=128).with_moe(8, 2), 4
     return GPTConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, max_seq_len=128, d_ff=512).with_moe(8, 2), 16
 
 
 def _steps(model, ids, steps: int, warmup: int, sync) -> list[float]:
-    from moekit.layer import aux_loss
-
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     times = []
     for i in range(warmup + steps):
@@ -54,12 +58,6 @@ def _steps(model, ids, steps: int, warmup: int, sync) -> list[float]:
 
 
 def _worker(rank: int, world: int, rendezvous: str, quick: bool, steps: int, warmup: int, out: str) -> None:
-    import torch.distributed as dist
-
-    from moekit.models import GPT
-    from moekit.parallel import expert_parallel, is_expert_parallel, sync_gradients
-    from moekit.parallel.dispatch import AllToAllDispatcher
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))
@@ -88,12 +86,6 @@ def _worker(rank: int, world: int, rendezvous: str, quick: bool, steps: int, war
 
 def run_parallel_bench(out: str | os.PathLike | None = "runs/bench/parallel.json", world: int = 2, steps: int = 10,
                        warmup: int = 2, quick: bool = False, console=None) -> dict:
-    import torch.multiprocessing as mp
-    from rich.console import Console
-    from rich.table import Table
-
-    from moekit.models import GPT
-
     console = console or (Console() if Console().is_terminal else Console(width=160))
     if quick:
         steps, warmup = 3, 1
@@ -145,8 +137,6 @@ def run_parallel_bench(out: str | os.PathLike | None = "runs/bench/parallel.json
     console.print(f"step time {statistics.median(single):.3f} s in one process vs {par_step:.3f} s over {world} "
                   f"(x{report['speedup']:.2f}); a2a bytes / (2 x tokens x k x d x 4): {ratios}")
     if out is not None:
-        from moekit.io import atomic_write_text, dumps
-
         atomic_write_text(Path(out), dumps(report, indent=2))
         console.print(f"wrote {out}")
     return report

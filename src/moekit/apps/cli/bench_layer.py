@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from moekit.apps.bench.layer import run_layer_bench
 from moekit.apps.cli.command import POS_INT, Command
+from moekit.io import check_report_target
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,11 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
-    from moekit.apps.bench.layer import run_layer_bench
-    from moekit.io import check_report_target
-
     check_report_target(args.out, "--out", "layer")
     if args.threads:
         torch.set_num_threads(args.threads)

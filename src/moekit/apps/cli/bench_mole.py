@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.apps.bench.mole import run_mole_bench
 from moekit.apps.cli.command import Command
+from moekit.io import check_report_target
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,9 +15,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from moekit.apps.bench.mole import run_mole_bench
-    from moekit.io import check_report_target
-
     check_report_target(args.out, "--out", "mole")
     run_mole_bench(out=args.out, quick=args.quick)
 

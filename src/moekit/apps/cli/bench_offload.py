@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moekit.apps.bench.offload import run_offload_bench
 from moekit.apps.cli.command import POS_INT, Command
+from moekit.io import check_report_target
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from moekit.apps.bench.offload import run_offload_bench
-    from moekit.io import check_report_target
-
     check_report_target(args.out, "--out", "offload")
     png = Path(args.out).with_suffix(".png")  # the figure beside it: only where moekit's report already stands
     if png.exists() and not Path(args.out).exists():

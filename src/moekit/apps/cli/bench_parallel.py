@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from moekit._checks import arg_number
+from moekit.apps.bench.parallel import run_parallel_bench
 from moekit.apps.cli.command import POS_INT, Command
+from moekit.io import check_report_target
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,9 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from moekit.apps.bench.parallel import run_parallel_bench
-    from moekit.io import check_report_target
-
     check_report_target(args.out, "--out", "parallel")
     run_parallel_bench(out=args.out, world=args.world, steps=args.steps, quick=args.quick)
 

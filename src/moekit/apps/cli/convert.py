@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moekit._checks import arg_number
+from moekit.apps.cli.command import Command
 from moekit.convert import available_methods, fit_routers, method_class, save, tune
 from moekit.convert.refactor import pregate_of
 from moekit.data import by_split, load_corpus, load_tokenizer
@@ -205,3 +206,13 @@ def convert_from_args(args: argparse.Namespace) -> nn.Module:
     print(f"{args.method}: {type(model).__name__} -> {total / 1e6:.2f}M parameters; saved to {out} "
           f"(load with moekit.convert.load)")
     return new
+
+
+COMMAND = Command(
+    help="turn a dense model (moekit GPT or Hugging Face) into an MoE: partition, refactor, upcycle",
+    description="Dense to MoE: partition (DSMoE: the FFN cut into experts, SigmoidSTE router), refactor "
+    "(Read-ME: per-domain channel masks, a residual expert and a pre-gating router trained by distillation), "
+    "upcycle (copies of the FFN and a fresh router) or prune (the structured-pruning baseline). Calibration "
+    "and tuning text come from --data; the result is saved with moekit.convert.save.",
+    add_arguments=add_convert_arguments, run=convert_from_args,
+)

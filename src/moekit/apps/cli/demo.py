@@ -6,6 +6,7 @@ import argparse
 
 from moekit._checks import arg_number
 from moekit.apps.cli.command import NONNEG_INT, Command
+from moekit.apps.demo import rerender_report, run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from moekit.apps.demo import rerender_report, run_demo
-
     if args.report_only:
         print(f"report: {rerender_report(args.out, args.experiments)}")
         return

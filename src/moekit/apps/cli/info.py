@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from moekit import __version__
 from moekit.apps.cli.command import Command
+from moekit.experts import GroupedExperts, available_backends, select_backend
+from moekit.routers import available_routers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,12 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
-    from moekit import __version__
-    from moekit.experts import GroupedExperts, available_backends, select_backend
-    from moekit.routers import available_routers
-
     print(f"moekit {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("routers:", ", ".join(available_routers()))
     print("expert backends:", ", ".join(available_backends()))

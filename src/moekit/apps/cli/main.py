@@ -15,32 +15,19 @@ import os
 import sys
 import warnings
 
-from moekit.apps.cli import bench, demo, experiment, generate, info
-from moekit.apps.cli.command import Command, Group
-from moekit.apps.cli.convert import add_convert_arguments, convert_from_args
-from moekit.apps.cli.train import add_train_arguments, train_from_args
+import torch.distributed as dist
 
-TRAIN = Command(
-    help="train a GPT (dense or MoE) on the bundled corpus or your text",
-    description="Train moekit.models.GPT with AdamW, warmup + cosine, MoE auxiliary losses, "
-    "checkpoints and exact --resume.",
-    add_arguments=add_train_arguments, run=train_from_args,
-)
-CONVERT = Command(
-    help="turn a dense model (moekit GPT or Hugging Face) into an MoE: partition, refactor, upcycle",
-    description="Dense to MoE: partition (DSMoE: the FFN cut into experts, SigmoidSTE router), refactor "
-    "(Read-ME: per-domain channel masks, a residual expert and a pre-gating router trained by distillation), "
-    "upcycle (copies of the FFN and a fresh router) or prune (the structured-pruning baseline). Calibration "
-    "and tuning text come from --data; the result is saved with moekit.convert.save.",
-    add_arguments=add_convert_arguments, run=convert_from_args,
-)
+from moekit.apps.cli import bench, convert, demo, experiment, generate, info, train
+from moekit.apps.cli.command import Command, Group
+from moekit.parallel import exit_now
+from moekit.train.trainer import TrainingDiverged
 
 #: ``moekit COMMAND``: every subcommand, in the order ``moekit --help`` lists them
 COMMANDS: dict[str, Command | Group] = {
     "info": info.COMMAND,
     "demo": demo.COMMAND,
-    "train": TRAIN,
-    "convert": CONVERT,
+    "train": train.COMMAND,
+    "convert": convert.COMMAND,
     "experiment": experiment.COMMAND,
     "generate": generate.COMMAND,
     "bench": bench.COMMAND,
@@ -49,7 +36,6 @@ COMMANDS: dict[str, Command | Group] = {
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a two-line usage error (the message, then where to read more)."""
-
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
@@ -100,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(["moekit", args.command, *([args.bench] if getattr(args, "bench", None) else [])])
     code = _run(args, name, debug)
     if getattr(args, "expert_parallel", None):  # a torchrun worker: end without the interpreter's teardown
-        import torch.distributed as dist
-
-        from moekit.parallel import exit_now
 
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -112,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, name: str, debug: bool) -> int:
     """Run the subcommand: 0, or 1 with a one-line error (130 when interrupted)."""
-    from moekit.train.trainer import TrainingDiverged
-
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{name}: warning: {message}", file=sys.stderr)
 

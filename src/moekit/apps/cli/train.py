@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from moekit._checks import arg_number
+from moekit.apps.cli.command import Command
 from moekit.data import TokenStream, by_split, load_corpus, load_tokenizer, train_tokenizer
 from moekit.data.corpus import corpus_fingerprint
 from moekit.io import check_target, verify
 from moekit.models import GPT, GPTConfig
-from moekit.routers import available_routers
-from moekit.routers._registry import router_class
+from moekit.parallel import expert_parallel, full_state_dict
+from moekit.routers import available_routers, router_class
 from moekit.train.trainer import RUN_KIND, TrainConfig, Trainer
 
 #: flags that define a run, with their defaults (None in the parser: "not given")
@@ -70,9 +76,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _init_expert_parallel(n: int) -> int:
     """Join the torchrun process group (gloo on CPU, NCCL on GPU); returns this process's rank."""
-    import os
-
-    import torch.distributed as dist
 
     if "WORLD_SIZE" not in os.environ:
         raise SystemExit(f"--expert-parallel {n}: launch with torchrun --nproc-per-node {n} -m moekit train "
@@ -91,8 +94,6 @@ def _given(args: argparse.Namespace, names) -> dict:
 
 def model_config(flags: dict, vocab_size: int) -> GPTConfig:
     """The GPT config of a run's model flags (checked: a bad combination fails here, before any slow work)."""
-    import torch
-
     if flags["router"] not in available_routers():
         raise ValueError(f"--router {flags['router']!r}: unknown; valid names are {available_routers()}")
     if flags["ffn"] == "moe" and flags["k"] > flags["experts"]:
@@ -117,8 +118,6 @@ def _train_config(flags: dict) -> TrainConfig:
 def _resume_plan(args: argparse.Namespace, out: Path) -> tuple[TrainConfig, GPTConfig, dict]:
     """``(train config, model config, manifest)`` of the run in ``out`` with the flags given now
     applied; a flag that conflicts with the run is refused, listing every difference."""
-    from dataclasses import replace
-
     man = verify(out, RUN_KIND, "give the --out of a run moekit train started, or start a new run without --resume")
     settings = man.get("settings") or {}
     recorded = settings.get("flags")
@@ -138,9 +137,6 @@ def _resume_plan(args: argparse.Namespace, out: Path) -> tuple[TrainConfig, GPTC
 
 
 def train_from_args(args: argparse.Namespace) -> GPT:
-    import torch
-    import torch.distributed as dist
-
     out = Path(args.out)
     ep = getattr(args, "expert_parallel", None)
     if args.resume and args.overwrite:
@@ -191,15 +187,12 @@ def train_from_args(args: argparse.Namespace) -> GPT:
     torch.manual_seed(train_cfg.seed)  # every rank builds the same model
     model = GPT(model_cfg)
     if ep:
-        from moekit.parallel import expert_parallel
-
         expert_parallel(model)
     trainer = Trainer(model, train, val, train_cfg, out_dir=out, progress=not args.no_progress, name="train",
                       settings=settings, files={"tokenizer.json": tokenizer.to_str()} if not args.resume else None,
                       overwrite=args.overwrite)
     trainer.train(resume=args.resume)
     if ep:  # gather the experts under their global ids: the saved model loads at any parallel size
-        from moekit.parallel import full_state_dict
 
         state = full_state_dict(model)
         model = GPT(model_cfg)
@@ -216,3 +209,11 @@ def train_from_args(args: argparse.Namespace) -> GPT:
 
 
 __all__ = ["add_train_arguments", "model_config", "train_from_args"]
+
+
+COMMAND = Command(
+    help="train a GPT (dense or MoE) on the bundled corpus or your text",
+    description="Train moekit.models.GPT with AdamW, warmup + cosine, MoE auxiliary losses, "
+    "checkpoints and exact --resume.",
+    add_arguments=add_train_arguments, run=train_from_args,
+)
