@@ -1,13 +1,16 @@
 """The README's Python snippets run as written, in order."""
 
+import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
-import torch.distributed as dist
 
-
-def test_readme_snippets_run(monkeypatch):
+def test_readme_snippets_run(tmp_path):
+    """In a fresh process, so that what the snippets register (a router, an FFN kind, a cache policy,
+    methods) stays out of the other tests."""
     text = (Path(__file__).parent.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) >= 4
@@ -15,13 +18,13 @@ def test_readme_snippets_run(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(k, v)
-    try:
-        exec(compile("\n".join(blocks), "README.md", "exec"), {})
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    script = tmp_path / "readme_snippets.py"
+    end = "import torch.distributed as dist\nif dist.is_initialized():\n    dist.destroy_process_group()\n"
+    script.write_text("\n".join([*blocks, end]))
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
 
 
 def test_every_test_the_readme_names_exists():
