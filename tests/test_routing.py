@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moekit import load_balancing_loss, router_z_loss
+from moekit import Routing, load_balancing_loss, router_z_loss
 from moekit.routers import TopK
 from tests.reference import identity_router
 
@@ -61,3 +61,16 @@ def test_z_loss_hand_worked():
     assert float(router_z_loss(x)) == pytest.approx(2.5 * LN(2) ** 2)
     r = identity_router(TopK(1, balance=0.0, z_loss=0.5), 2)(x)
     assert float(r.losses["z_loss"].detach()) == pytest.approx(0.5 * 2.5 * LN(2) ** 2)
+
+
+def test_detach_keeps_every_field_without_history():
+    w = torch.tensor([0.5, 1.5], requires_grad=True)
+    imp = torch.tensor([2.0, 0.5], requires_grad=True)
+    r = Routing(token=torch.tensor([0, 1]), expert=torch.tensor([1, 0]), weight=w * 2, num_tokens=2, num_experts=2,
+                losses={"balance": (w * w).sum()}, logits=w.unsqueeze(0) * 3, dropped=1, requested=3,
+                k_per_token=torch.tensor([1, 1]), importance=imp * 1)
+    d = r.detach()
+    assert d.weight.tolist() == [1.0, 3.0] and not d.weight.requires_grad
+    assert float(d.losses["balance"]) == 2.5 and not d.losses["balance"].requires_grad
+    assert d.logits.tolist() == [[1.5, 4.5]] and (d.dropped, d.requested) == (1, 3)
+    assert d.k_per_token.tolist() == [1, 1] and d.importance.tolist() == [2.0, 0.5] and not d.importance.requires_grad

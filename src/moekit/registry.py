@@ -56,5 +56,11 @@ class Registry(Generic[T]):
         """Forget ``name`` (a test's temporary method, a plugin unloaded)."""
         self._items.pop(name, None)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items

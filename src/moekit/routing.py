@@ -99,6 +99,8 @@ class Routing:
             logits=None if self.logits is None else self.logits.detach(),
             dropped=self.dropped,
             requested=self.requested,
+            k_per_token=self.k_per_token,
+            importance=None if self.importance is None else self.importance.detach(),
         )
 
     def validate(self, num_tokens: int | None = None, num_experts: int | None = None,

@@ -101,7 +101,7 @@ with mio.fault_hook(lambda s: os._exit(9) if s == "exchanged" else None):
 """
 
 
-def test_a_kill_between_the_two_renames_is_repaired_on_the_nextwrite_thing(tmp_path):
+def test_a_kill_between_the_two_renames_is_repaired_on_the_next_write(tmp_path):
     folder = write_thing(tmp_path / "f", {"a.txt": "old"}, whole=True)
     r = subprocess.run([sys.executable, "-c", _KILL, str(folder)], capture_output=True, text=True)
     assert r.returncode == 9, r.stderr

@@ -3,13 +3,12 @@ is one file registered with :func:`register_compression` (contract: :class:`Comp
 
 from moekit.compress.method import (
     CompressionMethod,
-    ExpertStats,
     available_compressions,
     build_compression,
     compress,
-    gather_stats,
     register_compression,
 )
+from moekit.compress.stats import ExpertStats, gather_stats
 
 __all__ = ["CompressionMethod", "ExpertStats", "available_compressions", "build_compression", "compress",
            "gather_stats", "register_compression"]

@@ -18,6 +18,8 @@ from moekit.convert.build import ConvertedFFN, RoutingContext
 from moekit.convert.ffn import DenseFFN, FFNSite, family_of, find_ffns
 from moekit.models import GPT
 
+__all__ = ["Method", "convert_model", "gpt_spec"]
+
 
 class Method(Protocol):
     """What the driver calls on a method (:class:`~moekit.convert.method.ConversionMethod` documents each)."""
@@ -32,8 +34,6 @@ class Method(Protocol):
     def attach(self, model: nn.Module, context: RoutingContext | None) -> dict: ...
 
     def settings(self) -> dict: ...
-
-__all__ = ["convert_model", "gpt_spec"]
 
 
 def gpt_spec(spec: dict) -> dict:

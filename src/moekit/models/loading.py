@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from moekit.experts import experts_on_meta
@@ -30,7 +31,7 @@ def load_without_experts(path: str | os.PathLike, swap: Callable[[GPT, dict], No
     module that holds experts (still on the meta device); the other tensors are then read from the
     checkpoint (:func:`read_weights`). Returns the model in eval mode, on the CPU."""
     manifest = verify_model(path)  # every tensor read below is the one saved
-    with experts_on_meta():
+    with experts_on_meta(), torch.random.fork_rng(devices=[]):  # initialised, then overwritten: leave the RNG be
         model = GPT(read_config(path))
     swap(model, manifest)
     read_weights(model, path)

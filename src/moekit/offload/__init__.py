@@ -19,18 +19,11 @@
 """
 
 from moekit.offload.batching import build_batch, compare_batching, expert_aware_batches, fcfs_batches
-from moekit.offload.cache import (
-    POLICIES,
-    CacheStats,
-    ExpertCache,
-    check_direct,
-    simulate,
-    slots_for_budget,
-)
+from moekit.offload.cache import CacheStats, ExpertCache, check_direct, simulate, slots_for_budget
 from moekit.offload.checkpoint import load_offloaded
 from moekit.offload.engine import Engine, find_tokenizer, parse_budget
 from moekit.offload.future import Future
-from moekit.offload.policies import CachePolicy, available_policies, register_policy
+from moekit.offload.policies import POLICIES, CachePolicy, available_policies, register_policy
 from moekit.offload.runtime import STREAM_BYTES, ExpertServer, OffloadedExperts, ServeStats, offload
 from moekit.offload.store import STORE_KIND, ExpertStore, LayerSpec, fingerprint, moe_layers, write_store
 from moekit.offload.trace import Trace, record_trace

@@ -48,13 +48,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 
 from moekit.offload.future import Future, Key
-from moekit.offload.policies import available_policies, build_policy
+from moekit.offload.policies import build_policy
 
-__all__ = ["POLICIES", "available_policies", "CacheStats", "ExpertCache", "Future", "check_direct", "simulate",
-           "slots_for_budget"]
-
-POLICIES = tuple(available_policies())  # the built-in policies
-
+__all__ = ["CacheStats", "ExpertCache", "Future", "check_direct", "simulate", "slots_for_budget"]
 
 @dataclass
 class CacheStats:

@@ -39,7 +39,7 @@ from moekit.io import (
     write_manifest,
 )
 
-__all__ = ["KIND", "LATEST", "all_finite", "find_checkpoint", "latest_checkpoint", "load_checkpoint", "list_checkpoints",
+__all__ = ["KIND", "LATEST", "all_finite", "find_checkpoint", "latest_checkpoint", "load_checkpoint", "list_checkpoints", "step_folders",
            "prune_checkpoints", "save_checkpoint", "set_aside"]
 
 LATEST = "latest"
@@ -133,21 +133,25 @@ def prune_checkpoints(folder: str | os.PathLike, step: int, keep: int, run: str 
             remove_folder(p, KIND)
 
 
+def step_folders(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step-N`` folder under ``folder`` (complete or not), oldest first."""
+    folder = Path(folder)
+    found = [(int(m[1]), p) for p in (folder.iterdir() if folder.is_dir() else ())
+             if (m := _STEP.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
 def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path, str | None]]:
     """``(step, path, run)`` of the complete checkpoints under ``folder`` (by their manifests, not
     verified), oldest first."""
-    folder = Path(folder)
     out = []
-    for p in folder.iterdir() if folder.is_dir() else ():
-        m = _STEP.match(p.name)
-        if not (m and p.is_dir()):
-            continue
+    for step, p in step_folders(folder):
         try:
             man = read_manifest(p, KIND, "")
         except (OSError, IntegrityError):
             continue
-        out.append((int(m[1]), p, man.get("run")))
-    return sorted(out, key=lambda t: t[0])
+        out.append((step, p, man.get("run")))
+    return out
 
 
 def find_checkpoint(folder: str | os.PathLike, run: str | None = None,
@@ -155,12 +159,9 @@ def find_checkpoint(folder: str | os.PathLike, run: str | None = None,
     """The newest checkpoint under ``folder`` (of run ``run`` if given, at step ``at_most`` or before)
     whose every file verifies, and ``(path, why)`` of each newer one skipped because it does not. A
     checkpoint swap a kill interrupted is completed first."""
-    folder = Path(folder)
     clean_stale(folder)
     skipped = []
-    cands = [(int(m[1]), p) for p in (folder.iterdir() if folder.is_dir() else ())
-             if (m := _STEP.match(p.name)) and p.is_dir()]
-    for s, p in sorted(cands, reverse=True):
+    for s, p in reversed(step_folders(folder)):
         if at_most is not None and s > at_most:
             continue
         try:

@@ -48,7 +48,6 @@ from moekit.io import (
 from moekit.models.gpt import MODEL_KIND
 from moekit.parallel import clip_grad_norm, sync_gradients
 from moekit.train.checkpoint import (
-    _STEP,
     FOLDER_KIND,
     LATEST,
     all_finite,
@@ -57,6 +56,7 @@ from moekit.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
     set_aside,
+    step_folders,
 )
 from moekit.train.checkpoint import KIND as CKPT_KIND
 from moekit.train.evaluate import evaluate
@@ -332,11 +332,8 @@ class Trainer:
         set aside (renamed, never deleted) with a warning."""
         folder = self.ckpt_dir
         clean_stale(folder)
-        cands = []
-        for p in folder.iterdir() if folder.is_dir() else ():
-            m = _STEP.match(p.name)
-            if m and p.is_dir() and (kind_of(p) != CKPT_KIND or read_json(p / MANIFEST).get("run") == self.run):
-                cands.append((int(m[1]), p))
+        cands = [(s, p) for s, p in step_folders(folder)
+                 if kind_of(p) != CKPT_KIND or read_json(p / MANIFEST).get("run") == self.run]
         steps = {s for s, _ in cands}
         if self.parallel:
             every: list = [None] * dist.get_world_size(self.ep_group)

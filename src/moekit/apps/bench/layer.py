@@ -18,8 +18,6 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moekit.apps.bench.timing import interleaved_medians, keep_freed_memory
 from moekit.convert.hf import to_hf
@@ -50,6 +48,9 @@ QUICK_CASES = [
 
 
 def _hf_block(moe: MoE, case: LayerCase):
+    from transformers import MixtralConfig  # optional: only this arm needs transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
     cfg = MixtralConfig(
         hidden_size=case.d,
         intermediate_size=case.d_ff,

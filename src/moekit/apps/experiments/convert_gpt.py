@@ -35,9 +35,9 @@ from dataclasses import dataclass, replace
 import torch
 from rich.console import Console
 
-from moekit.apps.experiments.lm import base_config, settings
+from moekit.apps.experiments.lm import settings
 from moekit.apps.experiments.output import print_table, write_results
-from moekit.apps.presets import DemoSettings, prepare_corpus
+from moekit.apps.presets import DemoSettings, base_config, prepare_corpus
 from moekit.apps.report import markdown_table, pyplot, save_figure
 from moekit.convert import active_fraction, fit_routers, partition, prune, refactor, tune
 from moekit.data import TokenStream

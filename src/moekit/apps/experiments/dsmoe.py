@@ -21,8 +21,9 @@ import time
 import torch
 from rich.console import Console
 
-from moekit.apps.experiments.lm import base_config, corpus, experts_per_token, settings
+from moekit.apps.experiments.lm import corpus, experts_per_token, settings
 from moekit.apps.experiments.output import print_table, write_results
+from moekit.apps.presets import base_config
 from moekit.apps.report import markdown_table, pyplot, save_figure
 from moekit.convert.partition import partition_gpt
 from moekit.models import GPT

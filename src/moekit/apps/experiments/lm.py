@@ -67,4 +67,4 @@ def with_router(base: GPTConfig, num_experts: int, d_ff: int, router: str, route
     return base.with_moe(num_experts=num_experts, d_ff=d_ff, router=router, router_args=router_args)
 
 
-__all__ = ["settings", "setup", "corpus", "train_lm", "experts_per_token", "with_router", "base_config"]
+__all__ = ["settings", "setup", "corpus", "train_lm", "experts_per_token", "with_router"]

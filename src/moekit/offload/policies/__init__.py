@@ -6,9 +6,9 @@ cache's property tests (never worse than Belady-MIN, the simulator equal to the 
 """
 
 # imported in the order available_policies() lists them
-from moekit.offload.policies.base import CachePolicy, available_policies, build_policy, register_policy  # noqa: I001
+from moekit.offload.policies.base import POLICIES, CachePolicy, available_policies, build_policy, register_policy  # noqa: I001
 from moekit.offload.policies.lru import LRU
 from moekit.offload.policies.lfu import LFU
 from moekit.offload.policies.belady import Belady
 
-__all__ = ["LRU", "LFU", "Belady", "CachePolicy", "available_policies", "build_policy", "register_policy"]
+__all__ = ["LRU", "LFU", "Belady", "POLICIES", "CachePolicy", "available_policies", "build_policy", "register_policy"]
