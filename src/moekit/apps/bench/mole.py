@@ -2,12 +2,13 @@
 
 Four demo-sized models of equal inference FLOPs (same attention, same dense/shared FFN width):
 (a) dense; (b) top-2 MoE with every expert in RAM; (c) the same MoE with its experts in an expert
-store (:mod:`moekit.offload`), each expert a contiguous block read when a token needs it (no cache); (d) MoLE with its lookup table on
-disk, each record checked against its CRC-32 as it is read (and (d'), the same with the check off, to
-measure its cost). For (c) and (d) every read is a real read: before each ``pread`` the byte range is dropped
-from the OS page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (clean pages are evicted, so
-the read goes to the device; :mod:`moekit.ops.uncached`). Each model runs in its own spawned process so that its peak RSS is
-its own, and loads only what it keeps in memory: the MoE on disk and MoLE never materialise their
+store (:mod:`moekit.offload`), each expert a contiguous block read when a token needs it (no
+cache); (d) MoLE with its lookup table on disk, each record checked against its CRC-32 as it is
+read (and (d'), the same with the check off, to measure its cost). For (c) and (d) every read is a
+real read: before each ``pread`` the byte range is dropped from the OS page cache with
+``posix_fadvise(POSIX_FADV_DONTNEED)`` (clean pages are evicted, so the read goes to the device;
+:mod:`moekit.ops.uncached`). Each model runs in its own spawned process so that its peak RSS is its
+own, and loads only what it keeps in memory: the MoE on disk and MoLE never materialise their
 experts. "RSS (model)" is the peak RSS minus the RSS after importing torch. Weights are random:
 only speed, memory and bytes moved are measured here.
 """
