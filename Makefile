@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moekit-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo demo-quick bench experiments experiments-convert lint clean
+.PHONY: test test-gpu demo demo-quick bench experiments experiments-convert lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# the tests that need a CUDA device (they skip without one)
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m cuda
 
 demo: $(STAMP)
 	$(VENV)/bin/moekit demo --out runs/demo

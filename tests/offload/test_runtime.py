@@ -137,6 +137,7 @@ def test_experts_held_in_host_ram(served, direct):
     server.close()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("host", ["disk", "ram"])
 def test_gpu_cache_with_cpu_compute_fallback(served, host):
