@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from moekit import __version__
 from moekit.apps.cli.command import Command, Group
 from moekit.apps.cli.experiment import EXPERIMENTS
 from moekit.apps.cli.generate import direct_rule
@@ -52,6 +53,37 @@ def test_every_command_in_the_table_has_help(path, capsys):
     description = getattr(command, "description", None)  # a group has none
     if description:
         assert description.split()[0] in out
+
+
+def _options(parser: argparse.ArgumentParser, path=()):
+    """``(command path, action)`` of every option of every (sub)command."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                yield from _options(sub, (*path, name))
+        elif a.option_strings:
+            yield path, a
+
+
+def test_every_option_has_help_and_its_default_is_shown(capsys):
+    options = list(_options(build_parser()))
+    assert len(options) > 80
+    assert [(" ".join(path), a.option_strings[0]) for path, a in options if not a.help] == []
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "tokens per calibration and tuning sequence (default: 128)" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    with pytest.raises(SystemExit):
+        main(["bench", "offload", "--help"])
+    out = capsys.readouterr().out
+    assert "25/50/75% of" in out and "%%" not in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"moekit {__version__}"
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

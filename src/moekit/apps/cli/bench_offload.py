@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
 COMMAND = Command(
     help="expert cache policies x budgets on real routing traces; the model served from disk",
     description="Records the routing of the demo's trained top-2 MoE on held-out text, simulates LRU, LFU, "
-    "Belady with lookahead and Belady-MIN at 25/50/75%% of the experts' bytes (exact counters), then serves the "
+    "Belady with lookahead and Belady-MIN at 25/50/75% of the experts' bytes (exact counters), then serves the "
     "model from an on-disk expert store through the cache and checks its counters and logits.",
     add_arguments=add_arguments, run=run,
 )

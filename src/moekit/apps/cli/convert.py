@@ -37,12 +37,14 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="wiki", help="calibration and tuning text: 'wiki' (bundled corpus), a file, "
                                                   "a folder, or JSONL")
     p.add_argument("--calibration-tokens", type=POS_INT, default=16384, help="calibration tokens (per domain for refactor)")
-    p.add_argument("--seq-len", type=arg_number(2, integer=True), default=128)
+    p.add_argument("--seq-len", type=arg_number(2, integer=True), default=128,
+                   help="tokens per calibration and tuning sequence")
     p.add_argument("--experts", type=POS_INT, default=8, help="experts per FFN (partition, upcycle)")
     p.add_argument("--router", default=None, help="router name (default: sigmoid_ste for partition, topk for upcycle)")
     p.add_argument("--k", type=POS_INT, default=2, help="experts per token for top-k routers")
-    p.add_argument("--sparsity", type=arg_number(0), default=None, help="SigmoidSTE sparsity coefficient (default 1/layers)")
-    p.add_argument("--grouping", choices=["contiguous", "cluster"], default="contiguous")
+    p.add_argument("--sparsity", type=arg_number(0), default=None, help="SigmoidSTE sparsity coefficient (default: 1/layers)")
+    p.add_argument("--grouping", choices=["contiguous", "cluster"], default="contiguous",
+                   help="partition: experts as contiguous blocks of hidden channels (DSMoE) or balanced clusters")
     p.add_argument("--features", choices=["weights", "activations"], default="activations",
                    help="what clustering compares (grouping=cluster)")
     p.add_argument("--fit-router", action="store_true", help="fit the router by least squares on calibration text")
@@ -54,10 +56,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-steps", type=NONNEG_INT, default=30, help="refactor: PreGate distillation steps per round")
     p.add_argument("--tune-steps", type=NONNEG_INT, default=0,
                    help="LM fine-tuning steps (refactor: per round; others: in all; moekit GPT and *ForCausalLM)")
-    p.add_argument("--batch-size", type=POS_INT, default=16)
-    p.add_argument("--lr", type=arg_number(0, lo_open=True), default=3e-4)
-    p.add_argument("--seed", type=NONNEG_INT, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=POS_INT, default=16, help="sequences per tuning step")
+    p.add_argument("--lr", type=arg_number(0, lo_open=True), default=3e-4, help="learning rate of LM fine-tuning")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the calibration sample, routers and tuning")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _load_model(path: Path) -> nn.Module:

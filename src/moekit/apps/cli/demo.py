@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=arg_number(0, lo_open=True), default=None,
                         help="training budget for all variants together")
     parser.add_argument("--data", default=None, help="text file, folder or JSONL instead of the bundled corpus")
-    parser.add_argument("--seed", type=NONNEG_INT, default=0)
+    parser.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of every variant's initialisation and batches")
     parser.add_argument("--variants", nargs="+", default=None, help="train only these variants")
     parser.add_argument("--experiments", default="runs/experiments",
                         help="folder of `moekit experiment` results to include in the report")

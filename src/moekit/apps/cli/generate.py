@@ -30,8 +30,8 @@ def direct_rule(text: str) -> int | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a folder written by GPT.save (moekit train / moekit demo)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=POS_INT, default=64)
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=POS_INT, default=64, help="tokens to generate")
     parser.add_argument("--temperature", type=arg_number(0), default=0.0, help="0: greedy")
     parser.add_argument("--seed", type=NONNEG_INT, default=None, help="sampling seed")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the model)")

@@ -17,6 +17,7 @@ import warnings
 
 import torch.distributed as dist
 
+from moekit import __version__
 from moekit.apps.cli import bench, convert, demo, experiment, generate, info, train
 from moekit.apps.cli.command import Command, Group
 from moekit.parallel import exit_now
@@ -34,6 +35,17 @@ COMMANDS: dict[str, Command | Group] = {
 }
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows each option's default (unless the help text already says it, or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or action.required):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a two-line usage error (the message, then where to read more)."""
     def error(self, message: str):
@@ -46,7 +58,8 @@ def _add_commands(parser: argparse.ArgumentParser, commands: dict[str, Command |
     sub = parser.add_subparsers(dest=dest, metavar=dest.upper())
     sub.required = True
     for name, command in commands.items():
-        p = sub.add_parser(name, help=command.help, description=getattr(command, "description", None))
+        p = sub.add_parser(name, help=command.help, description=getattr(command, "description", None),
+                           formatter_class=_Formatter)
         if isinstance(command, Group):
             _add_commands(p, command.commands, name)
         else:
@@ -55,7 +68,8 @@ def _add_commands(parser: argparse.ArgumentParser, commands: dict[str, Command |
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="moekit", description="Mixture-of-experts toolkit for PyTorch.")
+    p = _Parser(prog="moekit", description="Mixture-of-experts toolkit for PyTorch.", formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"moekit {__version__}")
     _add_commands(p, COMMANDS, "command")
     return p
 

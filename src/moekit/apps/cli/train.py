@@ -46,29 +46,34 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in --out although it holds one (its checkpoints go once the new run "
                         "has written its first)")
-    m = p.add_argument_group("model (default in brackets)")
-    m.add_argument("--ffn", choices=["dense", "moe"], default=None, help="[dense]")
-    m.add_argument("--experts", type=pos_int, default=None, help="[8]")
-    m.add_argument("--k", type=pos_int, default=None, help="experts per token (MoE) [2]")
-    m.add_argument("--router", default=None, help=f"registered router name, one of {available_routers()} [topk]")
-    m.add_argument("--vocab", type=arg_number(258, integer=True), default=None, help="[8192]")
-    m.add_argument("--d-model", type=pos_int, default=None, help="[128]")
-    m.add_argument("--layers", type=pos_int, default=None, help="[4]")
-    m.add_argument("--heads", type=pos_int, default=None, help="[4]")
-    m.add_argument("--d-ff", type=pos_int, default=None, help="dense FFN width (MoE experts get d_ff / k) [512]")
+    m = p.add_argument_group("model")
+    m.add_argument("--ffn", choices=["dense", "moe"], default=None, help="FFN of every layer: dense SwiGLU or a mixture of experts (default: dense)")
+    m.add_argument("--experts", type=pos_int, default=None, help="experts per MoE layer (default: 8)")
+    m.add_argument("--k", type=pos_int, default=None, help="experts per token (MoE) (default: 2)")
+    m.add_argument("--router", default=None, help=f"registered router name, one of {available_routers()} (default: topk)")
+    m.add_argument("--vocab", type=arg_number(258, integer=True), default=None,
+                   help="tokenizer vocabulary size (default: 8192)")
+    m.add_argument("--d-model", type=pos_int, default=None, help="model width (default: 128)")
+    m.add_argument("--layers", type=pos_int, default=None, help="transformer blocks (default: 4)")
+    m.add_argument("--heads", type=pos_int, default=None, help="attention heads (default: 4)")
+    m.add_argument("--d-ff", type=pos_int, default=None, help="dense FFN width; MoE experts get d_ff / k (default: 512)")
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=pos_int, default=None, help="[1000]")
-    t.add_argument("--minutes", type=arg_number(0, lo_open=True), default=None, help="wall-clock budget")
-    t.add_argument("--batch-size", type=pos_int, default=None, help="[16]")
-    t.add_argument("--seq-len", type=arg_number(2, integer=True), default=None, help="[128]")
-    t.add_argument("--lr", type=arg_number(0, lo_open=True), default=None, help="[0.003]")
-    t.add_argument("--warmup", type=nonneg_int, default=None, help="warmup steps [50]")
-    t.add_argument("--eval-every", type=nonneg_int, default=None, help="0: only at the end [100]")
-    t.add_argument("--ckpt-every", type=nonneg_int, default=None, help="0: only at the end [100]")
+    t.add_argument("--steps", type=pos_int, default=None, help="optimizer steps (default: 1000)")
+    t.add_argument("--minutes", type=arg_number(0, lo_open=True), default=None, help="wall-clock budget in minutes: stop at the step that exceeds it (default: none)")
+    t.add_argument("--batch-size", type=pos_int, default=None, help="sequences per step (default: 16)")
+    t.add_argument("--seq-len", type=arg_number(2, integer=True), default=None,
+                   help="tokens per sequence (default: 128)")
+    t.add_argument("--lr", type=arg_number(0, lo_open=True), default=None,
+                   help="peak AdamW learning rate, then cosine decay (default: 0.003)")
+    t.add_argument("--warmup", type=nonneg_int, default=None, help="linear warm-up steps (default: 50)")
+    t.add_argument("--eval-every", type=nonneg_int, default=None,
+                   help="validation every N steps; 0: only at the end (default: 100)")
+    t.add_argument("--ckpt-every", type=nonneg_int, default=None,
+                   help="checkpoint every N steps; 0: only at the end (default: 100)")
     t.add_argument("--max-nonfinite", type=pos_int, default=None,
-                   help="steps in a row with a NaN/inf loss or gradient (skipped) before the run stops [3]")
-    t.add_argument("--seed", type=nonneg_int, default=None, help="[0]")
-    t.add_argument("--no-progress", action="store_true")
+                   help="steps in a row with a NaN/inf loss or gradient (skipped) before the run stops (default: 3)")
+    t.add_argument("--seed", type=nonneg_int, default=None, help="seed of the initialisation and the batches (default: 0)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     t.add_argument("--expert-parallel", type=pos_int, default=None, metavar="N",
                    help="shard the experts over N processes (data + expert parallel); launch with "
                    "torchrun --nproc-per-node N -m moekit train --expert-parallel N ...")
