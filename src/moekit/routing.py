@@ -10,6 +10,7 @@ token, ``N`` assignments.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "Router",
     "load_balancing_loss",
     "router_z_loss",
+    "fp32",
 ]
 
 
@@ -183,6 +185,13 @@ def entropy(probs_TE: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------- router base
 
 
+def fp32(x: Tensor):
+    """A context in which ``torch.autocast`` (if on for ``x``'s device) is off: routers compute their
+    scores in fp32 whatever the precision of the experts around them."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
 class Router(nn.Module):
     """Base class of every router.
 
@@ -247,4 +256,5 @@ class LinearRouter(Router):
         nn.init.normal_(self.weight, std=0.02)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        return F.linear(x_TD.float(), self.weight.float())
+        with fp32(x_TD):
+            return F.linear(x_TD.float(), self.weight.float())

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from moekit._checks import check_number
 from moekit.routers._registry import register_router
-from moekit.routing import Router, Routing
+from moekit.routing import Router, Routing, fp32
 
 
 def smooth_step(t: Tensor, gamma: float = 1.0) -> Tensor:
@@ -112,8 +112,9 @@ class DSelectK(Router):
         rows = None
         if self.per_example:
             xf = x_TD.float()
-            z = nn.functional.linear(xf, self.z_proj.weight.float(), self.z_proj.bias.float()).view(T, self.k, m)
-            w = nn.functional.linear(xf, self.w_proj.weight.float(), self.w_proj.bias.float())
+            with fp32(x_TD):
+                z = nn.functional.linear(xf, self.z_proj.weight.float(), self.z_proj.bias.float()).view(T, self.k, m)
+                w = nn.functional.linear(xf, self.w_proj.weight.float(), self.w_proj.bias.float())
         else:
             used, rows = torch.unique(self._task_index(task, T, x_TD.device), return_inverse=True)
             z, w = self.z_logits.float()[used], self.w_logits.float()[used]
