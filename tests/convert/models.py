@@ -129,3 +129,21 @@ def _mean_abs_hidden(dense: GPT, ids) -> list:
     for h in hooks:
         h.remove()
     return [_hidden(b.ffn, torch.cat(inputs[i])).abs().mean(0) for i, b in enumerate(dense.blocks)]
+
+def _spread(model: nn.Module, std: float = 0.3, seed: int = 3) -> nn.Module:
+    """Re-draw every weight: matrices from N(0, std), vectors (norms, biases) from 1 + N(0, 0.1), so that
+    a wrong mapping (a permuted head, a missing bias, a different routing) shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+            p.copy_(noise * std if p.dim() >= 2 else 1 + 0.1 * noise)
+    return model
+
+def _tokenizer(cache_dir):
+    """A tiny byte-level BPE ``tokenizers.Tokenizer`` (moekit's own kind, ``<|endoftext|>`` at 0)."""
+    from moekit.data import train_tokenizer
+
+    words = ["alpha beta gamma delta", "uno dos tres cuatro", "mixture of experts routes tokens"]
+    tok, _ = train_tokenizer([w for w in words for _ in range(30)], vocab_size=280, cache_dir=cache_dir)
+    return tok

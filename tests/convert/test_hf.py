@@ -99,6 +99,13 @@ def test_to_hf_shape_mismatch_is_named():
         to_hf(moekit.MoE(32, 64, 4, router=TopK(2)), like=block)
 
 
+@pytest.mark.parametrize("router", [TopK(2, scale=2.0), TopK(2, capacity_factor=1.0), "softmax"])
+def test_to_hf_refuses_routing_a_transformers_block_does_not_do(router):
+    """Scaled weights or dropped tokens would be lost in the block: refused, not copied."""
+    with pytest.raises(ValueError, match=r"^to_hf: transformers blocks route with plain top-k"):
+        to_hf(moekit.MoE(32, 64, 6, router=router), like=_block("mixtral"))
+
+
 MODELS = {
     "mixtral": MixtralForCausalLM,
     "qwen2_moe": Qwen2MoeForCausalLM,

@@ -7,7 +7,10 @@ Dense -> MoE (one call returns a converted copy that still trains, saves and loa
 for moekit's GPT and Hugging Face Llama, Mistral, Qwen2, Qwen3, GPT-2 and BERT models
 (``register_family`` adds one). Each is a registered :class:`ConversionMethod`
 (``register_method`` adds one; ``available_methods()`` lists them). ``save`` / ``load`` write and
-read converted models.
+read converted models: Hugging Face-native (Mixtral, Qwen2-MoE, Qwen3-MoE; ``export_hf`` writes
+moekit's GPT as Llama / Mixtral too) when every layer maps exactly (``hf_native``,
+``why_not_hf_native``), moekit's format otherwise; a converted model's ``save_pretrained`` does the
+same.
 
 Hugging Face sparse-MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): ``from_hf`` / ``to_hf`` /
 ``patch_hf_model`` / ``unpatch_hf_model``. transformers is imported only by the caller's objects.
@@ -21,6 +24,7 @@ from moekit.convert.calibration import (
     channel_importance,
     default_run,
 )
+from moekit.convert.export import TARGETS, Target, export_hf, hf_native, tokenizer_files, why_not_hf_native
 from moekit.convert.ffn import DenseFFN, Family, FFNSite, find_ffns, register_family, supported_families
 from moekit.convert.fit import fit_routers
 from moekit.convert.groups import cluster_groups, contiguous_groups, valid_expert_counts
@@ -39,4 +43,5 @@ __all__ = ["from_hf", "to_hf", "patch_hf_model", "unpatch_hf_model", "supported_
            "register_family", "supported_families", "ConvertedFFN", "RoutingContext", "fit_routers", "refactor",
            "tune", "attach_pregate", "save", "load", "ConversionMethod", "register_method", "available_methods",
            "method_class", "Partition", "Upcycle", "Prune", "Refactor", "partition_gpt", "valid_expert_counts",
-           "MIN_CALIBRATION_TOKENS", "calibration_batches", "calibration_batches_for", "default_run", "bias_flags"]
+           "MIN_CALIBRATION_TOKENS", "calibration_batches", "calibration_batches_for", "default_run", "bias_flags",
+           "export_hf", "hf_native", "why_not_hf_native", "tokenizer_files", "TARGETS", "Target"]

@@ -1,9 +1,10 @@
 """The one driver of every conversion: copy the model, replace each FFN, record what was done.
 
 For a Hugging Face model each new layer is wrapped in :class:`~moekit.convert.build.ConvertedFFN`
-(which adds the dense down-projection bias once) and the record lives in ``model.moekit_convert``;
-moekit's GPT takes the layers as they are and records the conversion in its config too, so that
-``GPT.save`` / ``GPT.load`` carry it.
+(which adds the dense down-projection bias once), the record lives in ``model.moekit_convert`` and
+the copy's ``save_pretrained`` writes what ``moekit.convert.load`` reads
+(:class:`~moekit.convert.export.SavePretrained`); moekit's GPT takes the layers as they are and
+records the conversion in its config too, so that ``GPT.save`` / ``GPT.load`` carry it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 from torch import nn
 
 from moekit.convert.build import ConvertedFFN, RoutingContext
+from moekit.convert.export import bind_save_pretrained
 from moekit.convert.ffn import DenseFFN, FFNSite, family_of, find_ffns
 from moekit.models import GPT
 
@@ -66,4 +68,4 @@ def convert_model(model: nn.Module, method: Method) -> nn.Module:
         new.config = replace(new.config, ffn=[gpt_spec(s) for s in specs],
                              extra={**new.config.extra, "convert": {"method": method.name, **settings}})
     new.moekit_convert = {"family": family.name, "method": method.name, "settings": settings, "layers": specs, **extra}
-    return new
+    return new if native else bind_save_pretrained(new)

@@ -123,16 +123,12 @@ def from_hf(
     return moe
 
 
-def to_hf(moe: MoE, like: nn.Module) -> nn.Module:
-    """A transformers block of ``like``'s type and shape holding ``moe``'s weights.
-
-    ``like`` is a template (an existing block of the target model, or one built from its config);
-    it is copied, not changed. The layer must have the block's shape: experts, widths, k,
-    renormalisation and shared expert.
-    """
-    spec = _spec(like, "to_hf")
+def check_block(moe: MoE, like: nn.Module, who: str = "to_hf") -> None:
+    """Raise a ValueError naming what differs unless ``moe`` has the shape of the transformers block
+    ``like`` (experts, widths, top-k router with the same k and renormalisation, shared expert)."""
+    spec = _spec(like, who)
     if not isinstance(moe, MoE):
-        raise TypeError(f"to_hf: expected a moekit.MoE, got {type(moe).__name__}")
+        raise TypeError(f"{who}: expected a moekit.MoE, got {type(moe).__name__}")
     want = _describe(like)
     router = moe.gate
     have = {
@@ -146,14 +142,25 @@ def to_hf(moe: MoE, like: nn.Module) -> nn.Module:
     }
     if not spec.has_shared:
         want["shared_d_ff"] = None
-    if not isinstance(router, TopK):
-        raise ValueError(f"to_hf: transformers blocks route with top-k; this layer's router is {type(router).__name__}")
+    if type(router) is not TopK or router.scale != 1.0 or router.capacity_factor is not None:
+        raise ValueError(f"{who}: transformers blocks route with plain top-k (moekit's TopK without scale or "
+                         f"capacity); this layer's router is {router!r}")
     diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if diff:
         detail = ", ".join(f"{k}: layer={a} block={b}" for k, (a, b) in diff.items())
-        raise ValueError(f"to_hf: the layer does not match the {type(like).__name__} template ({detail})")
+        raise ValueError(f"{who}: the layer does not match the {type(like).__name__} template ({detail})")
     if spec.has_shared and moe.shared_expert_gate is None:
-        raise ValueError(f"to_hf: {type(like).__name__} has a gated shared expert; the layer has no shared_expert_gate")
+        raise ValueError(f"{who}: {type(like).__name__} has a gated shared expert; the layer has no shared_expert_gate")
+
+
+def to_hf(moe: MoE, like: nn.Module) -> nn.Module:
+    """A transformers block of ``like``'s type and shape holding ``moe``'s weights.
+
+    ``like`` is a template (an existing block of the target model, or one built from its config);
+    it is copied, not changed. The layer must have the block's shape: experts, widths, k,
+    renormalisation and shared expert (:func:`check_block`).
+    """
+    check_block(moe, like)
     block = copy.deepcopy(like)
     block.load_state_dict({k: v.detach().clone() for k, v in moe.state_dict().items()}, strict=True, assign=True)
     block.train(moe.training)
