@@ -1,7 +1,9 @@
-"""Expert parallelism: two gloo processes (spawn, loopback, timeouts) against one process and the naive reference."""
+"""Expert parallelism: two gloo processes (spawn, loopback, timeouts) against one process and the naive reference;
+four as 2 data-parallel replicas x 2 expert shards, and checkpoints moving between layouts."""
 
 import copy
 import os
+import shutil
 from datetime import timedelta
 
 import pytest
@@ -9,18 +11,28 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moekit import MoE, Routing
+from moekit import MoE, Routing, aux_loss
 from moekit.models import GPT, GPTConfig
-from moekit.parallel import exit_now, expert_parallel, full_state_dict, sync_gradients
+from moekit.parallel import (
+    exit_now,
+    expert_parallel,
+    full_state_dict,
+    init_distributed,
+    is_expert_parallel,
+    parallel_mesh,
+    sync_gradients,
+)
+from moekit.train import TrainConfig, Trainer, load_checkpoint
 from tests.reference import reference_moe
+from tests.trainrun import VOCAB, stream
 
 WORLD = 2
 
 
-def _init(rank: int, tmp: str) -> None:
-    """Join a gloo group through a rendezvous file (no TCP port to race for with other tests)."""
+def _init(rank: int, tmp: str, world: int = WORLD, backend: str = "gloo") -> None:
+    """Join a group through a rendezvous file (no TCP port to race for with other tests)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
+    dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
 
 
@@ -213,9 +225,6 @@ def test_expert_parallel_adamw_with_an_idle_rank_equals_one_process(tmp_path):
 
 
 def _ep_trainer(out):
-    from moekit.train import TrainConfig, Trainer
-    from tests.trainrun import VOCAB, stream
-
     torch.manual_seed(0)
     model = expert_parallel(GPT(GPTConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, max_seq_len=16,
                                           d_ff=32).with_moe(4, 2)))
@@ -308,3 +317,167 @@ def test_torchrun_trains_with_expert_parallelism(tmp_path):
     assert bad.returncode != 0 and "torchrun started 2 processes" in bad.stderr
 
 
+
+
+# ----------------------------------------------------------------------------------- expert x data parallel
+
+
+def _mesh_gpt(balance: float | None = None) -> GPT:
+    """A tiny MoE GPT (4 experts); ``balance=0``: no load-balancing loss, the one auxiliary loss that
+    is not a mean over tokens, so that a global batch split in slices has the gradient of the whole."""
+    args = {"k": 2} if balance is None else {"k": 2, "balance": balance}
+    return GPT(GPTConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, max_seq_len=16,
+                         d_ff=32).with_moe(4, 2, router_args=args))
+
+
+def _mesh_config(**kw) -> TrainConfig:
+    return TrainConfig(**{"steps": 4, "batch_size": 4, "seq_len": 16, "warmup_steps": 1, "log_every": 1,
+                          "ckpt_every": 2, "lr": 1e-2, **kw})
+
+
+def _mesh_step_case(rank: int, mesh) -> None:
+    """One Trainer step at 2 replicas x 2 expert shards equals the single-process step written out
+    by hand on the same global batch: each rank's output, every gradient, the clipped AdamW update."""
+    cfg = _mesh_config(steps=1, grad_clip=0.5)
+    torch.manual_seed(0)
+    ref = _mesh_gpt()
+    model = expert_parallel(copy.deepcopy(ref), mesh=mesh)
+    t = Trainer(model, stream(), None, cfg, progress=False)
+    x, y = stream().batch(0, 4, 16, cfg.seed)  # the global batch: world rank r takes sequence r
+    with torch.no_grad():
+        assert torch.allclose(model(x[rank:rank + 1]), ref(x[rank:rank + 1]), atol=1e-5)
+    rec = t.train_step()
+    opt = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in ref.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=cfg.lr_at(0), betas=(cfg.beta1, cfg.beta2))
+    lm, aux = [], []
+    for i in range(4):  # data parallel: the mean over the slices of each slice's LM + auxiliary loss
+        lm.append(ref.loss(x[i:i + 1], y[i:i + 1]))
+        aux.append(aux_loss(ref))
+    ((sum(lm) + sum(aux)) / 4).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip))
+    opt.step()
+    assert norm > cfg.grad_clip and rec["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert rec["loss"] == pytest.approx(float(sum(lm).detach()) / 4, rel=1e-6)
+    assert rec["aux"] == pytest.approx(float(sum(aux).detach()) / 4, rel=1e-5) and rec["aux"] > 0
+    mine = dict(model.named_parameters())
+    for n, p in ref.named_parameters():
+        got, want, want_grad = mine[n], p.detach(), p.grad
+        if is_expert_parallel(got):  # this rank's experts: those of its column of the mesh
+            r, W, E = got.moekit_ep
+            assert (r, W) == (rank % 2, 2)
+            want, want_grad = want[r * E // W:(r + 1) * E // W], want_grad[r * E // W:(r + 1) * E // W]
+        assert torch.allclose(got.grad, want_grad, rtol=1e-4, atol=1e-7), (rank, n)
+        assert torch.allclose(got.detach(), want, rtol=0, atol=1e-5), (rank, n, (got - want).abs().max())
+
+
+def _mesh_checkpoint_case(rank: int, mesh, tmp: str) -> None:
+    """Checkpoints written at 2 x 2 (one folder per expert shard, by data-parallel rank 0) by a run
+    stopped after step 4, resumed at 4 expert shards x 1; the test resumes a copy in one process.
+    The end state goes to a file."""
+    run = os.path.join(tmp, "run")
+    torch.manual_seed(0)
+    t = Trainer(expert_parallel(_mesh_gpt(0.0), mesh=mesh), stream(), None, _mesh_config(steps=6), out_dir=run,
+                progress=False)
+    t.start()
+    for _ in range(4):  # a run of 6 steps stopped after step 4
+        t._log(t.train_step())
+        if t.step % 2 == 0:
+            t.save()
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["moekit.json", "rank0-of-2", "rank1-of-2"]
+    if rank == 0:
+        shutil.copytree(run, os.path.join(tmp, "for-one-process"))
+    dist.barrier()
+    torch.manual_seed(1)  # other initial weights: the checkpoint's replace them
+    t = Trainer(expert_parallel(_mesh_gpt(0.0)), stream(), None, _mesh_config(steps=6), out_dir=run, progress=False)
+    t.train(resume=True)
+    state = full_state_dict(t.model)
+    if rank == 0:
+        torch.save({"state": state, "history": t.history}, os.path.join(tmp, "ep4.pt"))
+    assert os.path.isdir(os.path.join(run, "checkpoints", f"rank{rank}-of-4", "step-0000006"))
+
+
+def _mesh_errors_case(mesh) -> None:
+    with pytest.raises(ValueError, match="batch_size 6 does not split over 4 processes"):
+        Trainer(_mesh_gpt(), stream(), None, _mesh_config(batch_size=6), progress=False)
+    with pytest.raises(ValueError, match="sharded over 2 ranks with 1 replicas, but the world has 4 processes"):
+        Trainer(expert_parallel(_mesh_gpt(), group=mesh.get_group("ep")), stream(), None, _mesh_config(),
+                progress=False)
+
+
+def _mesh_worker(rank: int, tmp: str) -> None:
+    _init(rank, tmp, world=4)
+    try:
+        assert init_distributed("cpu") == (rank, 4) and dist.get_backend() == "gloo"  # the group already joined
+        mesh = parallel_mesh(2, "cpu")
+        assert mesh.mesh_dim_names == ("dp", "ep") and tuple(mesh.shape) == (2, 2)
+        _mesh_step_case(rank, mesh)
+        _mesh_checkpoint_case(rank, mesh, tmp)
+        _mesh_errors_case(mesh)
+    finally:
+        dist.destroy_process_group()
+    exit_now()
+
+
+def _losses(history: list[dict]) -> list[float]:
+    return [r["loss"] for r in history if "loss" in r]
+
+
+def test_expert_x_data_parallel_equals_one_process_and_checkpoints_move_between_layouts(tmp_path):
+    mp.start_processes(_mesh_worker, args=(str(tmp_path),), nprocs=4, join=True, start_method="spawn")
+    torch.manual_seed(0)
+    ref = Trainer(_mesh_gpt(0.0), stream(), None, _mesh_config(steps=6), progress=False)  # the uninterrupted run
+    ref.train()
+    want = ref.model.state_dict()
+    # steps 1-4 at 2 x 2, then 5-6 at 4 x 1: the single-process run's losses and weights
+    ep4 = torch.load(tmp_path / "ep4.pt")
+    assert _losses(ep4["history"]) == pytest.approx(_losses(ref.history), rel=1e-5)
+    for k, v in want.items():
+        assert torch.allclose(ep4["state"][k], v, rtol=0, atol=1e-5), k
+    # steps 1-4 at 2 x 2, then 5-6 in one process
+    torch.manual_seed(1)
+    one = Trainer(_mesh_gpt(0.0), stream(), None, _mesh_config(steps=6), out_dir=tmp_path / "for-one-process",
+                  progress=False)
+    one.train(resume=True)
+    assert _losses(one.history) == pytest.approx(_losses(ref.history), rel=1e-5)
+    for k, v in want.items():
+        assert torch.allclose(one.model.state_dict()[k], v, rtol=0, atol=1e-5), k
+    assert (tmp_path / "for-one-process" / "checkpoints" / "step-0000006").is_dir()
+    shards = [tmp_path / "run" / "checkpoints" / f"rank{i}-of-2" / "step-0000004" for i in (1, 0)]
+    with pytest.raises(ValueError, match="are not the 2 shards of one checkpoint in order"):
+        load_checkpoint(shards, one.model, one.optimizer)
+
+
+def _nccl_worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    assert init_distributed("cuda") == (rank, 2)  # as under torchrun
+    try:
+        assert dist.get_backend() == "nccl" and torch.cuda.current_device() == rank
+        torch.manual_seed(0)
+        model = expert_parallel(_mesh_gpt(0.0).to(f"cuda:{rank}"), mesh=parallel_mesh(2, "cuda"))
+        t = Trainer(model, stream(), None, _mesh_config(device="cuda"), progress=False)
+        t.train()
+        want = torch.load(os.path.join(tmp, "cpu.pt"))
+        assert _losses(t.history) == pytest.approx(want["losses"], rel=1e-4)
+        state = full_state_dict(t.model)
+        for k, v in want["state"].items():
+            assert torch.allclose(state[k].cpu(), v, rtol=0, atol=1e-4), k
+    finally:
+        dist.destroy_process_group()
+    exit_now()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_nccl_expert_parallel_on_two_gpus_follows_the_cpu_run(tmp_path):
+    import socket
+
+    torch.manual_seed(0)
+    ref = Trainer(_mesh_gpt(0.0), stream(), None, _mesh_config(), progress=False)
+    ref.train()
+    torch.save({"losses": _losses(ref.history), "state": ref.model.state_dict()}, tmp_path / "cpu.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_nccl_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")

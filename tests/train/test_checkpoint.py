@@ -196,3 +196,70 @@ def test_a_damaged_checkpoint_of_the_step_being_saved_is_set_aside(tmp_path):
         t.save()
     assert find_checkpoint(t.ckpt_dir)[0] == t.ckpt_dir / "step-0000002"
     assert len(list(t.ckpt_dir.glob("step-0000002.damaged-*"))) == 1
+
+
+def _as_shard(m, r, W):
+    """``m`` made, in place, what expert-parallel rank ``r`` of ``W`` holds (its slice of every
+    expert tensor, marked as moekit.parallel.expert_parallel marks it), without a process group."""
+    for name, p in list(m.named_parameters()):
+        if ".experts." in name:
+            owner, _, attr = name.rpartition(".")
+            E = p.shape[0]
+            q = torch.nn.Parameter(p.detach()[r * E // W:(r + 1) * E // W].clone())
+            q.moekit_ep = (r, W, E)
+            setattr(m.get_submodule(owner), attr, q)
+    return m
+
+
+def _adamw(model):
+    return torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                              {"params": [p for p in model.parameters() if p.dim() < 2]}])
+
+
+def test_expert_shards_join_and_split_between_layouts(tmp_path):
+    from moekit.train import load_checkpoint
+
+    t = trainer(tmp_path / "run", steps=2)
+    t.train()  # one process: whole expert tensors, with AdamW moments
+    whole = t.ckpt_dir / "step-0000002"
+    moments = {n: t.optimizer.state[p] for n, p in t.model.named_parameters()}
+    for r in range(2):  # loaded at 2 expert shards: each its slice of weights and moments
+        m = _as_shard(trainer(None).model, r, 2)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.zero_()
+        opt = _adamw(m)
+        load_checkpoint(whole, m, opt)
+        for n, p in m.named_parameters():
+            want, avg = dict(t.model.named_parameters())[n], moments[n]["exp_avg"]
+            if ".experts." in n:
+                want, avg = want[r * 2:(r + 1) * 2], avg[r * 2:(r + 1) * 2]
+            assert torch.equal(p, want) and torch.equal(opt.state[p]["exp_avg"], avg), n
+        save_checkpoint(tmp_path / f"rank{r}-of-2", 2, m, opt, {"history": []}, run="r")
+    parts = [tmp_path / f"rank{r}-of-2" / "step-0000002" for r in range(2)]
+    back = trainer(None)  # and the shards, joined, load in one process again
+    load_checkpoint(parts, back.model, back.optimizer)
+    for n, p in back.model.named_parameters():
+        assert torch.equal(p, dict(t.model.named_parameters())[n]), n
+        assert torch.equal(back.optimizer.state[p]["exp_avg_sq"], moments[n]["exp_avg_sq"]), n
+    with pytest.raises(ValueError, match=r"are not the 2 shards of one checkpoint in order \(they say \[\[1, 2\], "
+                                         r"\[0, 2\]\]\)"):
+        load_checkpoint(parts[::-1], back.model, back.optimizer)
+    from moekit.models import GPT, GPTConfig
+    from tests.trainrun import VOCAB
+
+    other = GPT(GPTConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, d_ff=32).with_moe(4, 2))
+    with pytest.raises(ValueError, match=r"step-0000002: the checkpoint does not fit the model \(missing \['blocks.1"):
+        load_checkpoint(whole, other, _adamw(other))
+
+
+def test_load_checkpoint_verifies_what_it_loads(tmp_path):
+    from moekit.io import IntegrityError
+    from moekit.train import load_checkpoint
+
+    t = trainer(tmp_path / "run", steps=2)
+    t.train()
+    ckpt = t.ckpt_dir / "step-0000002"
+    flip_byte(ckpt / "optimizer.safetensors", -3)  # an Adam moment: it would load, and change every step after
+    with pytest.raises(IntegrityError, match=r"optimizer.safetensors: checksum mismatch"):
+        load_checkpoint(ckpt, t.model, t.optimizer)

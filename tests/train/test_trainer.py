@@ -259,3 +259,67 @@ def test_overwriting_an_expert_parallel_run_removes_every_rank_s_checkpoints(tmp
     t.overwrite = True
     t.train()
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "moekit.json", "step-0000002"]
+
+
+# ----------------------------------------------------------------------------------- devices
+
+def _losses(t):
+    return [r["loss"] for r in t.history if "loss" in r]
+
+
+def test_the_device_is_checked_and_a_resume_may_change_it(tmp_path):
+    from moekit.io import MoekitWarning
+    from tests.trainrun import trainer
+
+    assert TrainConfig(device=torch.device("cpu")).device == "cpu" and TrainConfig().device == "cpu"
+    with pytest.raises(ValueError, match="TrainConfig: device must be one of auto, cpu, cuda or cuda:N, got 'gpu'"):
+        TrainConfig(device="gpu")
+    first = trainer(tmp_path / "run", steps=4)
+    first.train()
+    t = trainer(tmp_path / "run", steps=4, device="auto")
+    with pytest.warns(MoekitWarning, match="continuing from step 4 with device 'cpu' -> 'auto'"):
+        t.train(resume=True)
+    assert json.loads((tmp_path / "run" / "moekit.json").read_text())["config"]["device"] == "auto"
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_training_on_cuda_follows_the_cpu():
+    from tests.trainrun import trainer
+
+    cpu, gpu = trainer(None), trainer(None, device="cuda")
+    cpu.train()
+    gpu.train()
+    assert all(p.is_cuda for p in gpu.model.parameters())
+    assert _losses(gpu) == pytest.approx(_losses(cpu), rel=1e-4)
+    for k, v in cpu.model.state_dict().items():
+        assert torch.allclose(gpu.model.state_dict()[k].cpu(), v, rtol=0, atol=1e-4), k
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu(tmp_path):
+    from moekit.io import MoekitWarning
+    from tests.trainrun import trainer
+
+    full = trainer(tmp_path / "full", device="cuda")
+    full.train()
+    killed = trainer(tmp_path / "run", device="cuda")
+    killed.start()
+    for _ in range(4):  # stopped after step 4 (checkpoints at 2 and 4)
+        killed._log(killed.train_step())
+        if killed.step % 2 == 0:
+            killed.save()
+    at4 = {k: v.cpu() for k, v in killed.model.state_dict().items()}
+    resumed = trainer(tmp_path / "run", device="cpu")
+    with pytest.warns(MoekitWarning, match="continuing from step 4 with device 'cuda' -> 'cpu'"):
+        resumed.start(resume=True)
+    assert all(torch.equal(v, at4[k]) for k, v in resumed.model.state_dict().items())  # the very weights
+    resumed.train()
+    assert all(not p.is_cuda for p in resumed.model.parameters())
+    assert _losses(resumed) == pytest.approx(_losses(full), rel=1e-4)
+    for k, v in full.model.state_dict().items():
+        assert torch.allclose(resumed.model.state_dict()[k], v.cpu(), rtol=0, atol=1e-4), k

@@ -29,10 +29,12 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model, stream: TokenStream, seq_len: int, batch_size: int = 16, max_chunks: int | None = None,
              label_fields: tuple[str, ...] = ()) -> EvalResult:
-    """Mean next-token NLL over consecutive windows of ``stream`` (eval mode, restored afterwards)."""
+    """Mean next-token NLL over consecutive windows of ``stream`` (eval mode, restored afterwards),
+    computed on the model's device; the statistics are gathered on the CPU."""
     stream.check_fits(seq_len, "validation data")
     was_training = model.training
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     x_all, y_all, d_all = stream.chunks(seq_len, max_chunks)
     labels = {f: stream.labels(f) for f in label_fields}
     moes = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
@@ -43,8 +45,8 @@ def evaluate(model, stream: TokenStream, seq_len: int, batch_size: int = 16, max
     total_nll, total_tokens = 0.0, 0
     for i in range(0, x_all.shape[0], batch_size):
         x, y, d = x_all[i : i + batch_size], y_all[i : i + batch_size], d_all[i : i + batch_size]
-        logits = model(x)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.reshape(-1), reduction="none").double()
+        logits = model(x.to(device))
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).reshape(-1), reduction="none").double().cpu()
         total_nll += float(nll.sum())
         total_tokens += nll.numel()
         for f in label_fields:
@@ -57,7 +59,7 @@ def evaluate(model, stream: TokenStream, seq_len: int, batch_size: int = 16, max
                 if r is None:
                     continue
                 n_lab, E = load[f][name].shape
-                flat = lab[r.token] * E + r.expert
+                flat = lab[r.token.cpu()] * E + r.expert.cpu()
                 load[f][name] += torch.bincount(flat, minlength=n_lab * E).view(n_lab, E)
     model.train(was_training)
     loss = total_nll / max(total_tokens, 1)

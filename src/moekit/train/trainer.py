@@ -11,6 +11,16 @@ folder that holds one needs ``overwrite=True``; resuming compares the settings a
 conflicting one (the few that are well defined to change, such as more steps, are applied and
 reported). A step whose loss or gradient is NaN or inf is skipped, never applied and never
 checkpointed; ``max_nonfinite`` of them in a row stop the run with :class:`TrainingDiverged`.
+
+The run lives on ``TrainConfig.device`` (the CPU unless asked; ``auto``: CUDA where there is a
+GPU); a resume may move it to another device (checkpoints are read to the CPU first). In a process
+group of several ranks (torchrun, :func:`moekit.parallel.init_distributed`) it is data parallel:
+every rank reads its slice of each step's batch (so every layout sees the same data), replicated
+parameters are averaged by ``DistributedDataParallel``, expert shards
+(:func:`moekit.parallel.expert_parallel`, excluded from DDP) over their replicas, and world rank 0
+alone writes the run folder. Each expert shard's writer keeps its checkpoints under
+``checkpoints/rank{r}-of-{N}``; a resume takes the newest step that every shard of a layout holds,
+written at this layout or any other.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import uuid
 import warnings
@@ -27,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from moekit._checks import check_number
 from moekit.data.dataset import TokenStream
@@ -36,6 +49,7 @@ from moekit.io import (
     MoekitWarning,
     atomic_write_text,
     check_target,
+    claim_folder,
     clean_stale,
     dumps,
     kind_of,
@@ -46,7 +60,14 @@ from moekit.io import (
     write_folder,
 )
 from moekit.models.gpt import MODEL_KIND
-from moekit.parallel import clip_grad_norm, sync_gradients
+from moekit.parallel import (
+    clip_grad_norm,
+    device_name,
+    expert_groups,
+    is_expert_parallel,
+    resolve_device,
+    sync_expert_gradients,
+)
 from moekit.train.checkpoint import (
     FOLDER_KIND,
     LATEST,
@@ -61,11 +82,13 @@ from moekit.train.checkpoint import (
 from moekit.train.checkpoint import KIND as CKPT_KIND
 from moekit.train.evaluate import evaluate
 from moekit.train.schedule import warmup_cosine
-from moekit.train.step import clipped_backward, lm_and_aux, set_lr
+from moekit.train.step import lm_and_aux, set_lr
 
 RUN_KIND = "train-run"
 #: TrainConfig fields a resumed run may change: what they mean from the resumed step on is well defined
-RESUMABLE = ("steps", "minutes", "lr", "eval_every", "ckpt_every", "log_every", "eval_chunks", "max_nonfinite")
+RESUMABLE = ("steps", "minutes", "lr", "eval_every", "ckpt_every", "log_every", "eval_chunks", "max_nonfinite",
+             "device")
+_SHARD_FOLDER = re.compile(r"^rank(\d+)-of-(\d+)$")
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,9 +114,14 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     max_nonfinite: int = 3  # steps in a row with a NaN/inf loss or gradient before the run stops
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (CUDA where there is a GPU); a torch.device is taken by its name
 
     def __post_init__(self) -> None:
         o = "TrainConfig"
+        try:
+            self.device = device_name(self.device)
+        except ValueError as e:
+            raise ValueError(f"{o}: {e}") from None
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_chunks", "max_nonfinite"):
             check_number(name, getattr(self, name), lo=1, integer=True, owner=o)
         for name in ("warmup_steps", "eval_every", "ckpt_every", "seed"):
@@ -114,10 +142,60 @@ class TrainConfig:
         return warmup_cosine(step, self.steps, self.lr, self.warmup_steps, self.min_lr_ratio)
 
 
-def _mean_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
-    dist.all_reduce(t, group=group)
-    return t / dist.get_world_size(group)
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+class _Losses(nn.Module):
+    """The model's LM and auxiliary losses as one module's forward: what DistributedDataParallel wraps."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return lm_and_aux(self.model, x, y)
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``(x, y) -> (lm, aux)`` of ``model``, its replicated parameters' gradients averaged over the
+    world by DistributedDataParallel; the expert shards are left out of DDP (they differ from rank to
+    rank: :func:`moekit.parallel.sync_expert_gradients` averages them over their replicas). A static
+    graph: the parameters a step uses are the same at every step (in moekit's models every router
+    and replicated layer runs at every step; DDP stops with an error where that fails). A parameter
+    some ranks leave unused gets zeros from them, one no rank uses keeps no gradient, as in one process."""
+    losses = _Losses(model)
+    replicated = [p for p in model.parameters() if p.requires_grad and not is_expert_parallel(p)]
+    if not replicated:
+        return losses
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        losses, [f"model.{n}" for n, p in model.named_parameters() if is_expert_parallel(p)])
+    return DistributedDataParallel(losses, device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True)
+
+
+def _checkpoint_sets(root: Path, run: str | None, current: list[Path]) -> list[tuple[int, list[Path]]]:
+    """``(step, folders)`` for every step of run ``run`` that every folder of one layout under ``root``
+    holds (``root`` itself: one process or data parallel; ``rank{i}-of-{N}``: ``N`` expert shards),
+    newest first, the ``current`` layout first among equal steps. Folders of a step whose manifest is
+    unreadable count (they are verified, and set aside, next)."""
+    shards: dict[int, set[int]] = {}
+    for f in sorted(root.glob("rank*-of-*")) if root.is_dir() else []:
+        if (m := _SHARD_FOLDER.match(f.name)) and f.is_dir():
+            shards.setdefault(int(m[2]), set()).add(int(m[1]))
+    layouts = [[root]] + [[root / f"rank{i}-of-{n}" for i in range(n)] for n, have in sorted(shards.items())
+                          if have == set(range(n))]
+    found = []
+    for folders in layouts:
+        steps = []
+        for f in folders:
+            clean_stale(f)
+            steps.append({s for s, p in step_folders(f)
+                          if kind_of(p) != CKPT_KIND or read_json(p / MANIFEST).get("run") == run})
+        found += [(s, folders) for s in set.intersection(*steps)]
+    return sorted(found, key=lambda c: (-c[0], c[1] != current))
 
 
 def _all_checkpoints(out_dir: Path) -> list[tuple[int, Path, str | None]]:
@@ -187,6 +265,11 @@ class Trainer:
         train.check_fits(self.config.seq_len, "training data")
         if val is not None:
             val.check_fits(self.config.seq_len, "validation data")
+        self.device = resolve_device(self.config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        model.to(self.device)
+        self._place(model)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         c = self.config
@@ -199,12 +282,29 @@ class Trainer:
         self.run: str | None = None  # the run's id, once started
         self.started = False
         self.nonfinite_streak = 0
-        # data + expert parallel (moekit.parallel.expert_parallel): every rank draws its own batches,
-        # gradients are synchronised, rank 0 alone writes
-        self.ep_group = getattr(model, "moekit_ep_group", False)
-        self.parallel = self.ep_group is not False
-        self.rank = dist.get_rank(self.ep_group) if self.parallel else 0
-        self.writes = self.rank == 0
+        self._losses = _data_parallel(model, self.device) if self.world > 1 else _Losses(model)
+
+    def _place(self, model: nn.Module) -> None:
+        """This process's place in the run: its world rank (``world`` processes in the default group,
+        1 without one), its expert shard (``shard = (r, N)``, or ``None``), who writes what."""
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        groups = expert_groups(model)
+        self.ep_group, self.shard, replica = None, None, 0
+        if groups is not None:
+            ep, dp = groups
+            self.ep_group, self.shard = ep, (dist.get_rank(ep), dist.get_world_size(ep))
+            replicas = dist.get_world_size(dp) if dp is not None else 1
+            replica = dist.get_rank(dp) if dp is not None else 0
+            if self.shard[1] * replicas != self.world:
+                raise ValueError(f"Trainer: the experts are sharded over {self.shard[1]} ranks with {replicas} "
+                                 f"replicas, but the world has {self.world} processes; shard them with "
+                                 "expert_parallel(model, mesh=parallel_mesh(N)) so that every process holds a shard")
+        if self.config.batch_size % self.world:
+            raise ValueError(f"TrainConfig: batch_size {self.config.batch_size} does not split over {self.world} "
+                             f"processes; give a multiple of {self.world} (every process takes an equal slice)")
+        self.writes = self.rank == 0  # the run folder and the metrics
+        self.writes_checkpoint = replica == 0 if self.shard else self.writes
 
     # ----------------------------------------------------------------------------------- io
 
@@ -212,8 +312,8 @@ class Trainer:
     def ckpt_dir(self) -> Path | None:
         if self.out_dir is None:
             return None
-        if self.parallel:  # each rank keeps its shard of the experts and of the optimizer state
-            return self.out_dir / "checkpoints" / f"rank{self.rank}-of-{dist.get_world_size(self.ep_group)}"
+        if self.shard:  # each shard keeps its experts and their optimizer state
+            return self.out_dir / "checkpoints" / f"rank{self.shard[0]}-of-{self.shard[1]}"
         return self.out_dir / "checkpoints"
 
     def _log(self, record: dict) -> None:
@@ -234,13 +334,22 @@ class Trainer:
             return None
         if not self.started:
             self.start()
-        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                               {"config": asdict(self.config), "history": self.history}, keep=self.keep, run=self.run,
-                               prune=not self.parallel)
-        if self.parallel:  # older checkpoints go only once every rank has written this one
-            dist.barrier(group=self.ep_group)
+        path = None
+        if self.writes_checkpoint:
+            path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                                   {"config": asdict(self.config), "history": self.history}, keep=self.keep,
+                                   run=self.run, prune=not self.shard)
+        if self.world > 1:  # older shards go only once every rank has written this step
+            self._barrier()
+        if self.shard and self.writes_checkpoint:
             prune_checkpoints(self.ckpt_dir, self.step, self.keep, self.run)
         return path
+
+    def _barrier(self) -> None:
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
 
     def _run_meta(self) -> dict:
         return {"run": self.run, "config": asdict(self.config), "settings": self.settings}
@@ -251,10 +360,9 @@ class Trainer:
                 w.write_bytes(fname, data.encode("utf-8") if isinstance(data, str) else data)
 
     def _share_run_id(self) -> None:
-        if self.parallel:  # every rank tags its checkpoints with rank 0's run id
+        if self.world > 1:  # every rank tags its checkpoints with rank 0's run id
             box = [self.run]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self.ep_group, 0) if self.ep_group else 0,
-                                       group=self.ep_group)
+            dist.broadcast_object_list(box, src=0)
             self.run = box[0]
 
     def start(self, resume: bool = False) -> None:
@@ -280,6 +388,8 @@ class Trainer:
             self.run = uuid.uuid4().hex[:12]
             self._write_run()
             atomic_write_text(self.out_dir / "metrics.jsonl", "")
+            if self.shard:  # the shards' folders live in moekit's own folder, where one process may resume
+                claim_folder(self.out_dir / "checkpoints", FOLDER_KIND, "checkpoint folder")
         self._share_run_id()
 
     def _resume(self) -> None:
@@ -298,11 +408,8 @@ class Trainer:
                              "run's own settings, or start a new run (--overwrite)")
         ckpt = self._pick_checkpoint()
         if ckpt is None:
-            hint = (" (an expert-parallel run resumes at the world size it was written at; at another size, start "
-                    "from its saved model)") if self.parallel else ""
-            raise FileNotFoundError(
-                f"resume: no complete checkpoint under {self.ckpt_dir}{hint}; start a new run (--overwrite)"
-            )
+            raise FileNotFoundError(f"resume: no complete checkpoint under {self.out_dir / 'checkpoints'}; start a "
+                                    "new run (--overwrite)")
         state = load_checkpoint(ckpt, self.model, self.optimizer, verified=True)
         self.step, self.history = state["step"], state["history"]
         if c.steps < self.step:
@@ -318,41 +425,35 @@ class Trainer:
         if self.writes:
             atomic_write_text(self.out_dir / "metrics.jsonl", "".join(dumps(r, indent=None) + "\n" for r in self.history))
 
-    def _agree(self, ok: bool) -> bool:
-        """``ok`` on every rank (one process: ``ok``)."""
-        if not self.parallel:
-            return ok
-        t = torch.tensor(float(ok))
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.ep_group)
-        return bool(t)
+    def _pick_checkpoint(self) -> list[Path] | None:
+        """The folders (one per expert shard) of the newest checkpoint of this run that every shard
+        of its layout holds (a kill while the shards are written leaves some a step ahead) and that
+        verifies, at this layout or another; world rank 0 looks, every rank gets its answer. Newer
+        ones that do not verify are set aside (renamed, never deleted) with a warning."""
+        choice = None
+        if self.writes:
+            root = self.out_dir / "checkpoints"
+            current = [root / f"rank{i}-of-{self.shard[1]}" for i in range(self.shard[1])] if self.shard else [root]
+            choice = next((c for c in map(self._verified, _checkpoint_sets(root, self.run, current)) if c), None)
+        if self.world > 1:
+            box = [choice]
+            dist.broadcast_object_list(box, src=0)
+            choice = box[0]
+        return choice
 
-    def _pick_checkpoint(self) -> Path | None:
-        """The newest checkpoint of this run that verifies (on every rank, at the same step: a kill
-        while the ranks write theirs leaves some a step ahead). Newer ones that do not verify are
-        set aside (renamed, never deleted) with a warning."""
-        folder = self.ckpt_dir
-        clean_stale(folder)
-        cands = [(s, p) for s, p in step_folders(folder)
-                 if kind_of(p) != CKPT_KIND or read_json(p / MANIFEST).get("run") == self.run]
-        steps = {s for s, _ in cands}
-        if self.parallel:
-            every: list = [None] * dist.get_world_size(self.ep_group)
-            dist.all_gather_object(every, sorted(steps), group=self.ep_group)
-            steps = set.intersection(*map(set, every))
-        for s, p in sorted(cands, reverse=True):
-            if s not in steps:
-                continue
+    def _verified(self, candidate: tuple[int, list[Path]]) -> list[Path] | None:
+        """The checkpoint folders of ``(step, layout folders)`` if every one verifies, else ``None``."""
+        step, folders = candidate
+        paths = [f / f"step-{step:07d}" for f in folders]
+        for p in paths:
             try:
                 verify(p, CKPT_KIND, "skipped")
-                ok = True
             except (IntegrityError, FileNotFoundError) as e:
-                ok = False
                 aside = set_aside(p)
                 warnings.warn(f"resume: skipped a checkpoint that does not verify ({e}); moved it to {aside.name}",
-                              MoekitWarning, stacklevel=4)
-            if self._agree(ok):
-                return p
-        return None
+                              MoekitWarning, stacklevel=5)
+                return None
+        return paths
 
     # ----------------------------------------------------------------------------------- loop
 
@@ -361,19 +462,20 @@ class Trainer:
         applied (the record says ``"skipped": true``)."""
         c = self.config
         self.model.train()
-        x, y = self.train_data.batch(self.step, c.batch_size, c.seq_len, c.seed + 1009 * self.rank)
+        x, y = self._batch()
         lr = c.lr_at(self.step)
         set_lr(self.optimizer, lr)
-        lm, aux = lm_and_aux(self.model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        lm, aux = self._losses(x, y)
+        (lm + aux).backward()
         clip = c.grad_clip or math.inf  # the norm is computed either way: it is checked below
-        if self.parallel:
-            self.optimizer.zero_grad(set_to_none=True)
-            (lm + aux).backward()
-            sync_gradients(self.model, self.ep_group)
+        if self.shard:
+            sync_expert_gradients(self.model)
             grad_norm = clip_grad_norm(self.model, clip, self.ep_group)
-            lm, aux = _mean_over_ranks(lm.detach(), self.ep_group), _mean_over_ranks(aux.detach(), self.ep_group)
         else:
-            grad_norm = clipped_backward(self.optimizer, lm + aux, self.model.parameters(), clip)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.world > 1:  # the mean loss of the global batch
+            lm, aux = _mean_over_ranks(lm.detach()), _mean_over_ranks(aux.detach())
         rec = {"step": self.step + 1, "loss": float(lm.detach()), "aux": float(aux.detach()), "lr": lr,
                "grad_norm": grad_norm}
         bad = [k for k in ("loss", "aux", "grad_norm") if not math.isfinite(rec[k])]
@@ -383,9 +485,9 @@ class Trainer:
             self.nonfinite_streak += 1
             return {**rec, "skipped": True, "nonfinite": bad}
         self.optimizer.step()
-        ok = torch.tensor(float(all_finite(self.model.parameters())))
-        if self.parallel:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ep_group)
+        ok = torch.tensor(float(all_finite(self.model.parameters())), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok:
             raise TrainingDiverged(f"training diverged: the update of step {self.step + 1} made weights NaN or inf "
                                    f"(learning rate {lr:.3g}); {self._last_checkpoint_text()}")
@@ -393,9 +495,16 @@ class Trainer:
         self.nonfinite_streak = 0
         return rec
 
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the step's batch (the same global batch at every layout), on the device."""
+        c = self.config
+        x, y = self.train_data.batch(self.step, c.batch_size, c.seq_len, c.seed)
+        n = c.batch_size // self.world
+        mine = slice(self.rank * n, (self.rank + 1) * n)
+        return x[mine].to(self.device), y[mine].to(self.device)
+
     def _last_checkpoint_text(self) -> str:
-        found = list_checkpoints(self.ckpt_dir) if self.ckpt_dir is not None and self.ckpt_dir.is_dir() else []
-        mine = [(s, p) for s, p, r in found if r == self.run]
+        mine = sorted((s, p) for s, p, r in _all_checkpoints(self.out_dir) if r == self.run) if self.out_dir else []
         if not mine:
             return "no checkpoint was written yet: start again with a lower learning rate (--lr, with --overwrite)"
         s, p = mine[-1]
@@ -425,9 +534,9 @@ class Trainer:
                 window_steps += 1
                 elapsed = time.perf_counter() - start
                 over = c.minutes is not None and elapsed > c.minutes * 60
-                if self.parallel and c.minutes is not None:  # every rank stops at the same step, or the rest hang
-                    flag = torch.tensor(float(over))
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ep_group)
+                if self.world > 1 and c.minutes is not None:  # every rank stops at the same step, or the rest hang
+                    flag = torch.tensor(float(over), device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     over = bool(flag)
                 if over and window_steps == 1 and not self.history:
                     raise ValueError(
