@@ -156,6 +156,55 @@ def test_generate_with_kv_cache_equals_full_forward(kind):
     assert torch.equal(out[:, 6:], full[:, 5:])
 
 
+def _sampled_by_hand(model, prompt, steps, temperature, top_k, top_p, seed):
+    """Full forward passes (no cache), truncation written here: top-k, then the nucleus."""
+    gen, ids = torch.Generator().manual_seed(seed), prompt
+    for _ in range(steps):
+        logits = model(ids)[:, -1].float() / temperature
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        p, order = logits.softmax(-1).sort(-1, descending=True)
+        drop = (p.cumsum(-1) - p) >= top_p
+        drop[:, 0] = False
+        p = p.masked_fill(drop, 0)
+        choice = torch.multinomial(torch.zeros_like(p).scatter(-1, order, p), 1, generator=gen)
+        ids = torch.cat([ids, choice], 1)
+    return ids
+
+
+def test_generate_samples_with_top_k_top_p_and_a_seed():
+    torch.manual_seed(0)
+    model = GPT(CONFIGS["moe"]).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    out = model.generate(prompt, 8, 1.3, torch.Generator().manual_seed(7), top_k=20, top_p=0.8)
+    assert torch.equal(out, _sampled_by_hand(model, prompt, 8, 1.3, 20, 0.8, seed=7))
+    assert torch.equal(model.generate(prompt, 8, 1.0, top_k=1), model.generate(prompt, 8))  # top-1 is greedy
+
+
+def test_generate_stops_rows_at_eos_and_pads_them():
+    torch.manual_seed(0)
+    model = GPT(CONFIGS["dense"]).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    def gen(**kw):  # sampled, with the same draws every time
+        return model.generate(prompt, 12, 1.0, torch.Generator().manual_seed(0), **kw)
+
+    free = gen()[:, 4:].tolist()
+    j = next(j for j in range(1, 12) if free[0][j] not in free[0][:j])
+    eos = free[0][j]  # row 0 produces it first as its (j+1)-th new token
+
+    def finished(row):  # the row up to its first eos, then eos
+        n = row.index(eos) + 1 if eos in row else len(row)
+        return row[:n] + [eos] * (len(row) - n), n
+
+    rows = [finished(r) for r in free]
+    new = max(n for _, n in rows)
+    out = gen(eos_token_id=eos)
+    assert rows[0][1] == j + 1 and out[:, 4:].tolist() == [r[:new] for r, _ in rows]
+    assert gen(eos_token_id=[eos, 96])[0, 4:].tolist() == rows[0][0][:new]
+    with pytest.raises(ValueError, match="eos_token_id: 97"):
+        model.generate(prompt, 2, eos_token_id=97)
+
+
 def test_save_load_round_trip_and_config_mismatch(tmp_path):
     torch.manual_seed(0)
     model = GPT(CONFIGS["moe"])

@@ -28,8 +28,8 @@ def test_generate_cli_and_engine(tmp_path, capsys):
     assert captured.out == plain and "computed from the store" in captured.err
     assert main(args + ["--offload", "--host", "ram", "--direct", "cost"]) == 0
     assert capsys.readouterr().out == plain
-    with pytest.raises(SystemExit, match="add --offload"):
-        main(args + ["--direct", "2"])
+    assert main(args + ["--direct", "2"]) == 1
+    assert "apply to --offload serving; add --offload" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(args + ["--offload", "--direct", "0"])
     assert "hit rate" in captured.err and (tmp_path / "run" / "model" / "experts" / "manifest.json").exists()

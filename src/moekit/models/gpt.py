@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from moekit.models.config import GPTConfig
 from moekit.models.ffn import build_ffn
 from moekit.models.pregate import PreGate
 from moekit.ops.rotary import Rotary, rotate_and_cache
+from moekit.ops.sampling import Sampling, eos_ids, next_token
 from moekit.routing import Router
 
 CONFIG_FILE = "config.json"
@@ -158,21 +160,30 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, ids_BT: Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Greedy (``temperature=0``) or sampled continuation with a KV cache; returns ``[B, T + new]``."""
+                 generator: torch.Generator | None = None, *, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None) -> Tensor:
+        """Continue ``ids`` with a KV cache: greedy (``temperature=0``) or sampled with ``temperature``,
+        ``top_k`` and ``top_p`` (Hugging Face's conventions, :mod:`moekit.ops.sampling`). A row that
+        produces an ``eos_token_id`` is finished: it is padded with that token while the others go on,
+        and generation stops when every row is finished. Returns ``[B, T + new]``, ``new <= max_new_tokens``."""
         if ids_BT.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"generate: {ids_BT.shape[1]} prompt + {max_new_tokens} new tokens exceed max_seq_len={self.config.max_seq_len}"
             )
+        sampling = Sampling(temperature, top_k, top_p)
+        eos = torch.tensor(eos_ids(eos_token_id, self.config.vocab_size), device=ids_BT.device, dtype=ids_BT.dtype)
         caches = [{} for _ in self.blocks]
         logits = self(ids_BT, caches)[:, -1]
         out = [ids_BT]
-        for _ in range(max_new_tokens):
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)
-            else:
-                nxt = logits.argmax(-1, keepdim=True)
+        done = torch.zeros(ids_BT.shape[0], 1, dtype=torch.bool, device=ids_BT.device)
+        for i in range(max_new_tokens):
+            nxt = next_token(logits, sampling, generator)
+            if len(eos):
+                nxt = torch.where(done, eos[0], nxt)
+                done = done | torch.isin(nxt, eos)
             out.append(nxt)
+            if i + 1 == max_new_tokens or bool(done.all()):
+                break
             logits = self(nxt, caches)[:, -1]
         return torch.cat(out, dim=1)
 

@@ -64,9 +64,10 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompt: str | torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int | None = None) -> str | torch.Tensor:
+                 seed: int | None = None, **options) -> str | torch.Tensor:
         """Continue ``prompt`` (text, with a tokenizer; or ``[B, T]`` token ids): returns the text
-        of the new tokens, or all the ids."""
+        of the new tokens, or all the ids. ``options``: ``top_k``, ``top_p``, ``eos_token_id`` (see
+        :meth:`moekit.models.GPT.generate`)."""
         device = self.server.device
         gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
         if isinstance(prompt, str):
@@ -75,9 +76,9 @@ class Engine:
             ids = torch.tensor([self.tokenizer.encode(prompt).ids], device=device)
             if ids.shape[1] == 0:
                 raise ValueError("Engine.generate: the prompt is empty")
-            out = self.model.generate(ids, max_new_tokens, temperature, gen)
+            out = self.model.generate(ids, max_new_tokens, temperature, gen, **options)
             return self.tokenizer.decode(out[0, ids.shape[1]:].tolist())
-        return self.model.generate(prompt.to(device), max_new_tokens, temperature, gen)
+        return self.model.generate(prompt.to(device), max_new_tokens, temperature, gen, **options)
 
     def stats(self) -> ServeStats:
         return self.server.stats()

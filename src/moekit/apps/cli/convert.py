@@ -14,10 +14,12 @@ from torch import nn
 from moekit._checks import arg_number
 from moekit.apps.cli.command import Command
 from moekit.convert import available_methods, fit_routers, method_class, save, tune
+from moekit.convert.export import FORMATS
 from moekit.convert.refactor import pregate_of
 from moekit.data import by_split, load_corpus, load_tokenizer
 from moekit.io import check_target
-from moekit.models import GPT, GPTConfig
+from moekit.loader import describe, load
+from moekit.models import GPT
 from moekit.models.gpt import MODEL_KIND
 from moekit.routers import available_routers
 from moekit.train import fine_tune
@@ -33,7 +35,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="a moekit GPT checkpoint folder (GPT.save / `moekit train`) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="folder for the converted model")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json (default: in --model, or beside it as `moekit train` writes it)")
+                   help="tokenizer.json for the calibration text, copied to --out (default: in --model, or beside it "
+                        "as `moekit train` writes it; a Hugging Face folder's own tokenizer files are copied)")
     p.add_argument("--data", default="wiki", help="calibration and tuning text: 'wiki' (bundled corpus), a file, "
                                                   "a folder, or JSONL")
     p.add_argument("--calibration-tokens", type=POS_INT, default=16384, help="calibration tokens (per domain for refactor)")
@@ -59,31 +62,42 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=POS_INT, default=16, help="sequences per tuning step")
     p.add_argument("--lr", type=arg_number(0, lo_open=True), default=3e-4, help="learning rate of LM fine-tuning")
     p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the calibration sample, routers and tuning")
+    p.add_argument("--format", choices=list(FORMATS), default="auto",
+                   help="how the result is written: auto (Hugging Face-native, e.g. Mixtral, when every layer maps "
+                        "exactly, else moekit's format; a moekit GPT stays a GPT folder), hf (HF-native, or an error "
+                        "naming what does not map) or moekit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _load_model(path: Path) -> nn.Module:
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"--model {path}: no config.json (expected a moekit GPT checkpoint or a Hugging Face "
-                                "model folder)")
-    cfg = json.loads(cfg_file.read_text())
-    if "model_type" not in cfg:
-        GPTConfig.from_dict(cfg)  # a clear error for a config that is neither
-        return GPT.load(path)
+    """The dense model to convert: a moekit GPT, or a Hugging Face folder loaded as the class its
+    config names (causal LMs and encoders such as BERT alike)."""
+    info = describe(path)
+    if info.kind in ("mole", "converted"):
+        raise ValueError(f"--model {path}: a {info.describe()}; convert takes a dense model (a moekit GPT or a "
+                         "Hugging Face folder)")
+    if info.kind == "gpt":
+        return load(path)
     import transformers
 
-    arch = (cfg.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    return (cls or transformers.AutoModel).from_pretrained(str(path))
+    cls = getattr(transformers, info.architecture or "", None)
+    return (cls if isinstance(cls, type) else transformers.AutoModel).from_pretrained(str(path))
 
 
-def _load_tokenizer(args, model_path: Path):
+def _tokenizer_path(args, model_path: Path) -> Path:
+    """``--tokenizer``, else the model's ``tokenizer.json`` (in the folder, or beside it as `moekit train` writes it)."""
     for p in ([Path(args.tokenizer)] if args.tokenizer else
               [model_path / "tokenizer.json", model_path.parent / "tokenizer.json"]):
         if p.exists():
-            return load_tokenizer(p)
+            return p
     raise FileNotFoundError(f"no tokenizer.json in {model_path} or beside it; pass --tokenizer")
+
+
+def _tokenizer_out(args, model_path: Path, found: Path):
+    """What the output carries: a Hugging Face folder's own tokenizer files, else the tokenizer.json used."""
+    if not args.tokenizer and (model_path / "tokenizer_config.json").is_file():
+        return model_path
+    return found
 
 
 def _windows(docs, tokenizer, seq_len: int, tokens: int) -> torch.Tensor:
@@ -124,7 +138,8 @@ class _Text:
 
     def __init__(self, args: argparse.Namespace, model: nn.Module, model_path: Path) -> None:
         self.args = args
-        self.tokenizer = _load_tokenizer(args, model_path)
+        self.tokenizer_path = _tokenizer_path(args, model_path)
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
         cfg = getattr(model, "config", None)
         max_len = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings", args.seq_len)
         self.seq_len = min(args.seq_len, max_len)
@@ -189,9 +204,20 @@ def _tune(args: argparse.Namespace, new: nn.Module, text: _Text) -> None:
         fine_tune(new, text.batches, args.tune_steps, args.lr, lm, progress=progress)
 
 
+def _check_hf_format(args: argparse.Namespace) -> None:
+    """``--format hf`` needs top-k routing: refused before any slow work when the method routes otherwise."""
+    params = inspect.signature(method_class(args.method)).parameters
+    router = args.router or (params["router"].default if "router" in params else None)
+    if args.format == "hf" and router != "topk":
+        what = f"routes with {router}" if router else "has no router"
+        raise ValueError(f"--format hf: {args.method} {what}; only top-k routing (--router topk) maps onto a "
+                         "transformers architecture: use --format auto or moekit")
+
+
 def convert_from_args(args: argparse.Namespace) -> nn.Module:
     if args.router is not None and args.router not in available_routers():  # before any slow work
         raise ValueError(f"--router {args.router!r}: unknown; valid names are {available_routers()}")
+    _check_hf_format(args)
     if "num_experts" in inspect.signature(method_class(args.method)).parameters and args.k > args.experts:
         raise ValueError(f"--k {args.k} must be <= --experts {args.experts}")
     check_target(args.out, MODEL_KIND, "--out")
@@ -203,9 +229,11 @@ def convert_from_args(args: argparse.Namespace) -> nn.Module:
     if args.fit_router:
         fit_routers(new, text.calibration)
     _tune(args, new, text)
-    out = save(new, args.out)
+    out = save(new, args.out, tokenizer=_tokenizer_out(args, model_path, text.tokenizer_path), format=args.format)
     total = sum(p.numel() for p in new.parameters())
-    print(f"{args.method}: {type(model).__name__} -> {total / 1e6:.2f}M parameters; saved to {out} "
+    native = json.loads((out / "config.json").read_text()).get("architectures")
+    how = f"as {native[0]}, which transformers loads too" if native else "in moekit's format"
+    print(f"{args.method}: {type(model).__name__} -> {total / 1e6:.2f}M parameters; saved to {out} {how} "
           f"(load with moekit.convert.load)")
     return new
 
@@ -215,6 +243,7 @@ COMMAND = Command(
     description="Dense to MoE: partition (DSMoE: the FFN cut into experts, SigmoidSTE router), refactor "
     "(Read-ME: per-domain channel masks, a residual expert and a pre-gating router trained by distillation), "
     "upcycle (copies of the FFN and a fresh router) or prune (the structured-pruning baseline). Calibration "
-    "and tuning text come from --data; the result is saved with moekit.convert.save.",
+    "and tuning text come from --data; the result is saved with moekit.convert.save (see --format), with the "
+    "model's tokenizer.",
     add_arguments=add_convert_arguments, run=convert_from_args,
 )

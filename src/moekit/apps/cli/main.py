@@ -18,7 +18,7 @@ import warnings
 import torch.distributed as dist
 
 from moekit import __version__
-from moekit.apps.cli import bench, convert, demo, experiment, generate, info, train
+from moekit.apps.cli import bench, convert, demo, experiment, export, generate, info, train
 from moekit.apps.cli.command import Command, Group
 from moekit.parallel import exit_now
 from moekit.train.trainer import TrainingDiverged
@@ -29,6 +29,7 @@ COMMANDS: dict[str, Command | Group] = {
     "demo": demo.COMMAND,
     "train": train.COMMAND,
     "convert": convert.COMMAND,
+    "export": export.COMMAND,
     "experiment": experiment.COMMAND,
     "generate": generate.COMMAND,
     "bench": bench.COMMAND,
@@ -99,10 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("MOEKIT_DEBUG", "") not in ("", "0")
     name = " ".join(["moekit", args.command, *([args.bench] if getattr(args, "bench", None) else [])])
     code = _run(args, name, debug)
-    if getattr(args, "expert_parallel", None):  # a torchrun worker: end without the interpreter's teardown
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():  # a torchrun worker: end without the interpreter's teardown
+        dist.destroy_process_group()
         exit_now(code)
     return code
 
