@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moekit-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test test-gpu demo demo-quick bench experiments experiments-convert lint clean
+.PHONY: test test-gpu gpu-check demo demo-quick bench experiments experiments-convert lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,21 @@ test: $(STAMP)
 # the tests that need a CUDA device (they skip without one)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m cuda
+
+# Every GPU path on a machine with CUDA, in a few minutes: the GPU tests (skips listed), the GPU rows
+# of `bench layer`, and a short train + generate on the device. Install a CUDA build of torch first
+# (e.g. `make gpu-check TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`).
+gpu-check: $(STAMP)
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device (or a CPU-only torch); see the Makefile')"
+	mkdir -p runs/gpu-check
+	$(PY) -m pytest -q -m cuda -rs > runs/gpu-check/tests.txt 2>&1; rc=$$?; cat runs/gpu-check/tests.txt; test $$rc -eq 0
+	$(VENV)/bin/moekit bench layer --device cuda --repeats 5 --out runs/gpu-check/layer.json
+	$(VENV)/bin/moekit train --device cuda --ffn moe --experts 8 --k 2 --steps 60 --eval-every 0 --ckpt-every 0 \
+		--seq-len 128 --batch-size 16 --no-progress --overwrite --out runs/gpu-check/train
+	$(VENV)/bin/moekit generate --device cuda --model runs/gpu-check/train/model --prompt "The river" \
+		--max-new-tokens 32
+	$(VENV)/bin/moekit generate --device cuda --model runs/gpu-check/train/model --prompt "The river" \
+		--max-new-tokens 32 --offload --budget 25%
 
 demo: $(STAMP)
 	$(VENV)/bin/moekit demo --out runs/demo
