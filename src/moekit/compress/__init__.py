@@ -1,6 +1,15 @@
 """Expert compression: merging, pruning and mixed precision of a trained MoE's experts. Each method
-is one file registered with :func:`register_compression` (contract: :class:`CompressionMethod`)."""
+is one file registered with :func:`register_compression` (contract: :class:`CompressionMethod`).
 
+Registered: ``prune-random``, ``prune-count``, ``prune-soft``, ``reap`` (:mod:`.prune`), ``naee``,
+``easy-ep``, ``hc-smoe``, ``merge-uniform``, ``merge-random`` (:mod:`.hcsmoe`), ``seer``, and
+``mc-moe`` (:mod:`.mcmoe`: PMQ's per-expert bit widths, packed by :mod:`.quant`; ODP's dynamic
+pruning of a token's second expert is the ``odp`` router)."""
+
+from moekit.compress.calibration import domain_batches
+from moekit.compress.easyep import EasyEP
+from moekit.compress.hcsmoe import HCSMoE, MergeRandom, MergeUniform, cluster, frequency_coeffs
+from moekit.compress.mcmoe import MCMoE, calibrate_odp, load_compressed, mcmoe, save_compressed, with_odp
 from moekit.compress.method import (
     CompressionMethod,
     available_compressions,
@@ -8,7 +17,18 @@ from moekit.compress.method import (
     compress,
     register_compression,
 )
-from moekit.compress.stats import ExpertStats, gather_stats
+from moekit.compress.naee import Naee
+from moekit.compress.prune import PruneCount, PruneRandom, PruneSoft, Reap, ScorePruning
+from moekit.compress.quant import dequantize, quantize, quantized_bytes
+from moekit.compress.quantized import QuantizedExperts
+from moekit.compress.seer import Seer, router_entropy, seer_finetune, set_top_k
+from moekit.compress.stats import ExpertStats, expert_outputs, gather_stats
+from moekit.compress.surgery import dedup_bytes, merge_layer, prune_layer, sync_config
 
-__all__ = ["CompressionMethod", "ExpertStats", "available_compressions", "build_compression", "compress",
-           "gather_stats", "register_compression"]
+__all__ = ["CompressionMethod", "EasyEP", "ExpertStats", "HCSMoE", "MCMoE", "MergeRandom", "MergeUniform", "Naee",
+           "QuantizedExperts", "calibrate_odp", "dequantize", "load_compressed", "mcmoe", "quantize", "quantized_bytes",
+           "save_compressed", "with_odp",
+           "PruneCount", "PruneRandom", "PruneSoft", "Reap", "ScorePruning", "Seer", "available_compressions",
+           "build_compression", "cluster", "compress", "dedup_bytes", "domain_batches", "expert_outputs",
+           "frequency_coeffs", "gather_stats", "merge_layer", "prune_layer", "register_compression",
+           "router_entropy", "seer_finetune", "set_top_k", "sync_config"]

@@ -17,12 +17,18 @@ What a method implements:
 
 - ``__init__(**settings)``: its hyper-parameters (keep them JSON-serialisable: they are recorded).
 - ``compress_layer(moe, stats) -> nn.Module``: given one :class:`moekit.MoE` and the statistics
-  the driver gathered on the calibration data (:class:`ExpertStats`: per-expert routed tokens and
-  gate mass), return the module that replaces it (the same ``[..., D] -> [..., D]`` contract);
-  return ``moe`` itself to leave the layer unchanged. Never change the input layer in place.
+  the driver gathered on the calibration data (:class:`ExpertStats`: per-expert counts, masses,
+  mean outputs, saliencies), return the module that replaces it (the same ``[..., D] -> [..., D]``
+  contract); return ``moe`` itself to leave the layer unchanged. Never change the input layer in place.
+- optionally ``calibrate(model, batches, run)``: called first with the calibration batches, for
+  methods that need more than the statistics (PMQ caches each layer's inputs);
+- optionally ``prepare(stats)``: called once with every layer's statistics (by layer name) before
+  the layers are compressed, for decisions across layers (global pruning); and ``keep_inputs``:
+  how many input rows per layer the statistics keep (for methods that match layer outputs).
 
 The driver :func:`compress` runs the calibration batches once through the model with the
-statistics hooks on, then calls the method layer by layer.
+statistics hooks on, calls the method layer by layer, then updates the model's description
+(:func:`moekit.compress.surgery.sync_config`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from moekit.compress.stats import ExpertStats, gather_stats
+from moekit.compress.surgery import sync_config
 from moekit.layer import MoE
 from moekit.registry import Registry
 
@@ -43,9 +50,17 @@ class CompressionMethod:
 
     #: the registered name (set by :func:`register_compression`)
     name: str = ""
+    #: input rows per layer the calibration statistics keep for this method
+    keep_inputs: int = 0
 
     def __init__(self, **settings) -> None:
         self.settings = settings
+
+    def calibrate(self, model: nn.Module, batches: list, run: Callable[[nn.Module, object], object] | None) -> None:
+        """Look at the calibration data before the statistics are gathered (nothing by default)."""
+
+    def prepare(self, stats: dict[str, ExpertStats]) -> None:
+        """See every layer's statistics before the layers are compressed (default: nothing)."""
 
     def compress_layer(self, moe: MoE, stats: ExpertStats) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must implement compress_layer(moe, stats)")
@@ -75,9 +90,13 @@ def compress(model: nn.Module, method: CompressionMethod | str, batches: Iterabl
         method = build_compression(method, **settings)
     elif settings:
         raise ValueError(f"compress: settings {sorted(settings)} given with a method instance")
-    stats = gather_stats(model, batches, run)
+    batches = list(batches)  # read twice by methods that calibrate
+    method.calibrate(model, batches, run)
+    stats = gather_stats(model, batches, run, keep_inputs=method.keep_inputs)
+    method.prepare(stats)
     for name, st in stats.items():
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, method.compress_layer(owner.get_submodule(child), st))
+    sync_config(model)
     return model

@@ -4,6 +4,8 @@ from moekit.routers._registry import available_routers, build_router, register_r
 from moekit.routers.dselect import DSelectK
 from moekit.routers.dynamic_k import DynamicK
 from moekit.routers.expert_choice import ExpertChoice
+from moekit.routers.grouped import GroupedTopK
+from moekit.routers.odp import ODP
 from moekit.routers.pregate import PreGated
 from moekit.routers.sigmoid_ste import SigmoidSTE
 from moekit.routers.softmax import Softmax
@@ -20,6 +22,8 @@ __all__ = [
     "SigmoidSTE",
     "DynamicK",
     "PreGated",
+    "GroupedTopK",
+    "ODP",
     "available_routers",
     "build_router",
     "register_router",
