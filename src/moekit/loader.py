@@ -3,7 +3,8 @@
 :func:`load` tells the kind of a folder from its files and builds the model:
 
 - ``gpt``: written by ``GPT.save`` / ``moekit train`` (``config.json`` is a GPTConfig) -> a
-  :class:`moekit.models.GPT`;
+  :class:`moekit.models.GPT` (with its mixed-precision experts when ``moekit.compress`` quantized
+  them: ``mcmoe.json``);
 - ``mole``: a GPT whose FFNs are MoLE -> the GPT serving its lookup table when one is found
   (``table=``, or ``mole_table`` inside or beside the folder), else its train form;
 - ``converted``: written by ``moekit.convert.save`` (``moekit_convert.json``), in moekit's format or
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.compress.mcmoe import LAYOUT_FILE, load_compressed
 from moekit.convert import load as load_converted
 from moekit.convert import patch_hf_model
 from moekit.convert.hf import is_supported_block
@@ -139,6 +141,8 @@ def load(path: str | os.PathLike, *, table: str | os.PathLike | None = None, dev
         model = _load_hf(info.path, dtype)
     elif info.kind == "mole" and info.table is not None:
         model = load_served(info.path, info.table, cache_bytes)
+    elif (info.path / LAYOUT_FILE).exists():
+        model = load_compressed(info.path)
     else:
         read_config(info.path)  # checked against its checksum before anything else
         model = GPT.load(info.path)

@@ -35,6 +35,12 @@ def test_render_report_by_hand():
     assert "| mole | 2.00M / 1.00M | 8.0 | 1.5 | 12.35 | 10.00 | 14.00 | 12,346 | 321 | 1.25 |" in md
     assert "- mole: validation perplexity 12.00 in training form, 12.35 as served" in md
     assert "| nf4 | 0.50 | 256 | 13.00 |" in md and "| science | 11.00 | 11.00 |" in md
+    assert "Compressed after training" not in md
+    moe = _row("moe-top2", compressed={"uncompressed": {"mb": 2.0, "val_ppl": 12.345},
+                                       "reap, E'=4": {"mb": 1.25, "val_ppl": 14.0}})
+    compressed = render_report(_summary([_row("dense"), moe]))
+    assert "| moe-top2: uncompressed | 2.00 | 12.35 |" in compressed
+    assert "| moe-top2: reap, E'=4 | 1.25 | 14.00 |" in compressed
     assert "## Experiments against the papers\n\n### one experiment" in md and "## Benchmarks\n\n### one bench" in md
     assert "## Experiments" not in render_report(_summary(results))
 

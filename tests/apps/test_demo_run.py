@@ -29,6 +29,20 @@ def test_quick_demo_writes_report_and_figures(tmp_path):
     assert mole["resident_mb"] < moe["resident_mb"] and mole["offloaded_mb"] > 0
     assert set(mole["mole_tables"]) == {"float16", "int8", "nf4"}
     assert "MoLE lookup tables" in report
+    # moe-top2 compressed after training: REAP to 4 experts frees 4 experts and their router rows in each
+    # layer (fp32), mc-moe's 2.5-bit codes far less than fp32
+    comp = moe["compressed"]
+    assert set(comp) == {"uncompressed", "reap, E'=4", "hc-smoe, E'=4", "mc-moe, 2.5 bits"}
+    s = results["settings"]
+    D, F = s["d_model"], s["d_ff"] // 2
+    freed = s["n_layers"] * 4 * (3 * D * F + D) * 4 / 2**20
+    assert abs(comp["uncompressed"]["mb"] - comp["reap, E'=4"]["mb"] - freed) < 1e-9
+    assert moe["resident_mb"] > comp["reap, E'=4"]["mb"] + 0.9 * freed  # the model measured after keeps its experts
+    experts_mb = s["n_layers"] * 8 * 3 * D * F * 4 / 2**20
+    assert comp["uncompressed"]["mb"] - experts_mb < comp["mc-moe, 2.5 bits"]["mb"] < comp["uncompressed"]["mb"] \
+        - 0.8 * experts_mb
+    assert all(1 < c["val_ppl"] < s["vocab_size"] for c in comp.values())
+    assert "| moe-top2: reap, E'=4 |" in report
     # the report is written again from results.json and the committed experiments, without training
     (tmp_path / "report.md").unlink()
     assert main(["demo", "--out", str(tmp_path), "--report-only", "--experiments", str(tmp_path / "none")]) == 0

@@ -4,13 +4,16 @@ variants the demo compares."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+from moekit.compress import compress, dedup_bytes, mcmoe
 from moekit.data import TokenStream, by_split, load_corpus, train_tokenizer
 from moekit.models import GPT, GPTConfig
 from moekit.models.mole import reparameterize
@@ -23,15 +26,17 @@ class Variant:
     description: str
     #: turns the trained model into the one that is served (e.g. MoLE's lookup tables), given a folder
     serve: Callable[[GPT, Path], GPT] | None = None
-    #: extra measurements of the trained model: (model, folder, perplexity of a model) -> results
-    measure: Callable[[GPT, Path, Callable[[GPT], float]], dict] | None = None
+    #: extra measurements of the trained model: (model, folder, ppl, calibration batches of training
+    #: windows) -> results; ``ppl(model, windows=None)`` is the validation perplexity (on the demo's
+    #: evaluation windows, or on ``windows`` evenly spread ones)
+    measure: Callable[[GPT, Path, Callable[..., float], list[Tensor]], dict] | None = None
 
 
 def _serve_mole(model: GPT, folder: Path) -> GPT:
     return reparameterize(model, folder / "mole_table", dtype=torch.float16, progress=False)
 
 
-def _mole_tables(model: GPT, folder: Path, ppl: Callable[[GPT], float]) -> dict:
+def _mole_tables(model: GPT, folder: Path, ppl: Callable[..., float], calibration: list[Tensor]) -> dict:
     """Validation perplexity and size of MoLE's table in fp16 and post-training quantized."""
     out = {}
     for kind in (torch.float16, "int8", "nf4"):
@@ -41,6 +46,29 @@ def _mole_tables(model: GPT, folder: Path, ppl: Callable[[GPT], float]) -> dict:
         out[table.kind] = {"val_ppl": ppl(served), "mb": table.manifest["bytes"] / 2**20,
                            "bytes_per_token": table.bytes_per_token}
     return {"mole_tables": out}
+
+
+#: the compressions of the demo's top-2 MoE: label -> (registered method, settings)
+COMPRESSIONS = {"reap, E'=4": ("reap", {"num_experts": 4}), "hc-smoe, E'=4": ("hc-smoe", {"num_experts": 4}),
+                "mc-moe, 2.5 bits": ("mc-moe", {"bits": 2.5})}
+#: validation windows the compressed models are compared on (a few seconds each on a CPU)
+COMPRESSION_EVAL_WINDOWS = 64
+
+
+def compressions(model: GPT, folder: Path, ppl: Callable[..., float], calibration: list[Tensor]) -> dict:
+    """Validation perplexity (on :data:`COMPRESSION_EVAL_WINDOWS` windows) and deduplicated size of the
+    trained model and of copies compressed by each of :data:`COMPRESSIONS` from the ``calibration``
+    batches (the model itself is unchanged)."""
+    n = COMPRESSION_EVAL_WINDOWS
+    out = {"uncompressed": {"val_ppl": ppl(model, n), "mb": dedup_bytes(model) / 2**20}}
+    for label, (method, settings) in COMPRESSIONS.items():
+        small = copy.deepcopy(model)
+        if method == "mc-moe":
+            mcmoe(small, calibration, **settings)
+        else:
+            compress(small, method, calibration, **settings)
+        out[label] = {"val_ppl": ppl(small, n), "mb": dedup_bytes(small) / 2**20}
+    return {"compressed": out}
 
 
 @dataclass
@@ -70,7 +98,8 @@ def default_variants(base: GPTConfig) -> list[Variant]:
     return [
         Variant("dense", base, f"dense SwiGLU FFN, d_ff={base.d_ff}"),
         Variant("moe-top2", base.with_moe(num_experts=8, k=2),
-                f"top-2 of 8 SwiGLU experts of d_ff={base.d_ff // 2} (TopK, balance 0.01, z-loss 0.001)"),
+                f"top-2 of 8 SwiGLU experts of d_ff={base.d_ff // 2} (TopK, balance 0.01, z-loss 0.001)",
+                measure=compressions),
         Variant("mole", replace(base, ffn=[{"kind": "mole", "num_experts": 4, "d_ff": base.d_ff}] * base.n_layers),
                 f"MoLE: the dense SwiGLU FFN as shared expert + 4 GELU experts of d_ff={base.d_ff} on the token "
                 "embedding, served from an fp16 lookup table on disk (inference computes no expert)",

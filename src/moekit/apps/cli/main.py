@@ -18,7 +18,7 @@ import warnings
 import torch.distributed as dist
 
 from moekit import __version__
-from moekit.apps.cli import bench, convert, demo, experiment, export, generate, info, train
+from moekit.apps.cli import bench, compress, convert, demo, experiment, export, generate, info, train
 from moekit.apps.cli.command import Command, Group
 from moekit.parallel import exit_now
 from moekit.train.trainer import TrainingDiverged
@@ -29,6 +29,7 @@ COMMANDS: dict[str, Command | Group] = {
     "demo": demo.COMMAND,
     "train": train.COMMAND,
     "convert": convert.COMMAND,
+    "compress": compress.COMMAND,
     "export": export.COMMAND,
     "experiment": experiment.COMMAND,
     "generate": generate.COMMAND,

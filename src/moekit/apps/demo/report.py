@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.apps.bench import offload as offload_bench
-from moekit.apps.experiments import convert_gpt, convert_minilm, dselect, dsmoe, dynamic_k, mole_embeddings
+from moekit.apps.experiments import compress, convert_gpt, convert_minilm, dselect, dsmoe, dynamic_k, mole_embeddings
 from moekit.apps.report import markdown_table
 from moekit.io import atomic_write, atomic_write_text, read_json, record_files, verify, verify_file
 
@@ -38,6 +38,8 @@ EXPERIMENTS = {
                            convert_gpt.report_markdown, "convert_gpt.png"),
     "convert-minilm": Section("Dense to MoE on a real pre-trained model: MiniLM partitioned vs pruned",
                               convert_minilm.report_markdown, "convert_minilm.png"),
+    "compress": Section("Compressing a trained MoE: pruning, merging and mixed precision at equal size",
+                        compress.report_markdown, "compress.png"),
     "mole-embeddings": Section("MoLE: tied vs untied input/output embeddings (the demo ties them for every variant)",
                                mole_embeddings.report_markdown, "mole_embeddings.png"),
 }
@@ -136,6 +138,18 @@ def mole_section(results: list[dict]) -> list[str]:
             "", markdown_table(["table", "size MB", "bytes read per new token", "val ppl"], rows), ""]
 
 
+def compression_section(results: list[dict]) -> list[str]:
+    """The trained MoE compressed after training: perplexity and size next to the uncompressed model."""
+    rows = [[f"{r['variant']}: {label}", f"{c['mb']:.2f}", f"{c['val_ppl']:.2f}"]
+            for r in results for label, c in r.get("compressed", {}).items()]
+    if not rows:
+        return []
+    return ["Compressed after training (`moekit compress`; calibration: 32 training windows; perplexity on 64 "
+            "validation windows; sizes deduplicated, mc-moe's packed codes with their scales; see "
+            "`moekit experiment compress` for every method and seeds):",
+            "", markdown_table(["model", "size MB", "val ppl"], rows), ""]
+
+
 def render_report(summary: dict, experiments: list[str] | None = None, benches: list[str] | None = None) -> str:
     """``report.md``'s text: the demo's ``summary``, then the experiments' and benchmarks' sections."""
     s, results = summary["settings"], summary["results"]
@@ -167,6 +181,7 @@ def render_report(summary: dict, experiments: list[str] | None = None, benches: 
           f"{r['val_ppl']:.2f} as served" for r in results if "val_ppl_train_form" in r],
         "",
         *mole_section(results),
+        *compression_section(results),
         "Variants:",
         *[f"- **{r['variant']}**: {r['description']}" for r in results],
         "",

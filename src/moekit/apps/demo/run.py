@@ -22,6 +22,9 @@ from moekit.io import atomic_write_text, claim_folder, dumps, record_files
 from moekit.models import GPT
 from moekit.train import EvalResult, TrainConfig, Trainer, evaluate
 
+#: training windows the variants' extra measurements calibrate on (e.g. the compressions of moe-top2)
+CALIBRATION_WINDOWS = 32
+
 
 def _settings(quick: bool, minutes: float | None, variants: list[str] | None) -> DemoSettings:
     """The preset with ``minutes`` applied; the budget and the variants' names checked."""
@@ -67,7 +70,9 @@ def _train_variant(v: Variant, data: tuple, cfg: TrainConfig, s: DemoSettings, o
     model.save(folder / "model")
     params_total, extra = model.num_params(), {}
     if v.measure is not None:
-        extra.update(v.measure(model, folder, lambda m: evaluate(m, val, s.seq_len, 32, s.eval_chunks).ppl))
+        calibration = list(train.chunks(s.seq_len, CALIBRATION_WINDOWS)[0].split(8))
+        extra.update(v.measure(model, folder, lambda m, windows=s.eval_chunks: evaluate(m, val, s.seq_len, 32,
+                                                                                        windows).ppl, calibration))
     if v.serve is not None:  # measure what is served
         extra["val_ppl_train_form"] = evaluate(model, val, s.seq_len, 32, s.eval_chunks).ppl
         model = v.serve(model, folder)
