@@ -1,6 +1,7 @@
 """The expert cache and its simulator (moekit/offload/cache.py): invariants, Belady-MIN optimality,
 Belady with a lookahead window against an oracle written from the rule (papers.md §2.6) and a
-hand-worked stream, the bypass rules, budgets."""
+hand-worked stream, the bypass rules, budgets; pools for experts of different sizes (hand-worked plans and
+the budget never exceeded)."""
 
 import math
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moekit.offload import ExpertCache, Future, available_policies, simulate, slots_for_budget
+from moekit.offload import ExpertCache, Future, available_policies, plan_pools, simulate, slots_for_budget
 
 # ----------------------------------------------------------------------------------- cache invariants
 
@@ -237,3 +238,43 @@ def test_slots_for_budget():
         ExpertCache([1], 1, [1], "fifo")
     with pytest.raises(ValueError, match="future"):
         ExpertCache([1], 1, [1], "belady")
+
+
+# ------------------------------------------------------------------- pools of experts of different sizes
+
+@pytest.mark.parametrize("budget,slots,scratch", [
+    (48, [1, 1, 1], 0),  # one slot each exactly
+    (72, [2, 2, 1], 0),  # every expert
+    (64, [2, 1, 1], 0),  # 16 left: one more 8-byte expert, then nothing fits
+    (40, [2, 0, 0], 24),  # the 16- and 24-byte pools go without a slot; a 24-byte buffer for them
+])
+def test_plan_pools_hand_worked(budget, slots, scratch):
+    plan = plan_pools(budget, [[8, 16, 16, 8], [24]], "layer")
+    assert plan.pool_of == [[0, 1, 1, 0], [2]] and plan.slot_bytes == [8, 16, 24]
+    assert (plan.slots, plan.scratch) == (slots, scratch)
+
+
+def test_plan_pools_global_rounding_and_bad_budgets():
+    plan = plan_pools(10 ** 6, [[5, 16], [5, 16, 16]], "global")  # one pool per size; slots of whole 8-byte words
+    assert plan.pool_of == [[0, 1], [0, 1, 1]] and plan.slot_bytes == [8, 16] and plan.slots == [2, 3]
+    with pytest.raises(ValueError, match="holds no expert"):
+        plan_pools(31, [[8, 16, 16, 8], [24]])  # 8 + a 24-byte buffer is the least
+    with pytest.raises(ValueError, match="partition"):
+        plan_pools(100, [[8]], "pool")
+
+
+@given(sizes=st.lists(st.lists(st.sampled_from([8, 24, 40, 96]), min_size=1, max_size=6), min_size=1, max_size=3),
+       budget=st.integers(0, 2000), partition=st.sampled_from(["layer", "global"]), scratch=st.sampled_from([0, 40]))
+def test_plan_pools_never_exceeds_the_budget(sizes, budget, partition, scratch):
+    try:
+        plan = plan_pools(budget, sizes, partition, scratch)
+    except ValueError:
+        assert budget < min(min(s) for s in sizes) + max([scratch] + [max(s) for s in sizes])
+        return
+    members = [sum(row.count(p) for row in plan.pool_of) for p in range(len(plan.slots))]
+    assert sum(n * b for n, b in zip(plan.slots, plan.slot_bytes)) + plan.scratch <= budget
+    assert all(0 <= n <= m for n, m in zip(plan.slots, members)) and plan.scratch >= scratch
+    held = [b for n, b in zip(plan.slots, plan.slot_bytes) if n]
+    assert held and plan.scratch >= max([b for n, b in zip(plan.slots, plan.slot_bytes) if not n], default=0)
+    if budget >= sum(b * m for b, m in zip(plan.slot_bytes, members)) + scratch:
+        assert plan.slots == members  # a budget that holds every expert holds every expert

@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from moekit import MoE
 from moekit.offload import ExpertStore, Future, available_policies, offload, record_trace, simulate, write_store
-from tests.offload.helpers import decode, moe_gpt, traced
+from tests.offload.helpers import biased_moe, decode, moe_gpt, traced
 
 
 @pytest.mark.parametrize("policy,partition", [(p, ("layer", "global")[i % 2]) for i, p in enumerate(available_policies())])
@@ -67,11 +66,7 @@ def test_served_from_the_store_is_exact_and_matches_the_simulator(served, policy
 
 
 def test_from_the_store_with_biases_fp16_and_a_corrupt_block(tmp_path):
-    torch.manual_seed(0)
-    moe = MoE(16, 24, 4, "topk", activation="gelu", bias=True).eval()
-    with torch.no_grad():
-        for b in (moe.experts.up_proj_bias, moe.experts.down_proj_bias):
-            b.normal_()
+    moe = biased_moe(24)
     x = torch.randn(2, 7, 16)
     with torch.no_grad():
         want = moe(x)

@@ -1,12 +1,14 @@
 """Serving MoE models whose experts do not all fit in fast memory.
 
-- :mod:`.store`: every layer's experts on disk, one contiguous checksummed block per expert.
+- :mod:`.store`: every layer's experts on disk, one contiguous checksummed block per expert (experts
+  quantized by MC-MoE stored as they are: packed codes, scales and zeros, a block size per width).
 - :mod:`.trace`: routing traces recorded from real models (the access stream of decoding).
 - :mod:`.future`: the known future of an access stream (a PreGate's routing, a recorded trace).
 - :mod:`.policies`: the cache's eviction policies, one file each, registered by name: LRU, LFU and
   Belady (lookahead window up to the whole future: Belady-MIN).
-- :mod:`.cache`: the byte-budgeted expert cache (per-layer or global pools, pinned current layer)
-  and :func:`simulate` to run it over a trace.
+- :mod:`.cache`: the byte-budgeted expert cache (per-layer or global pools, pinned current layer;
+  for experts of different sizes, pools per size: :func:`plan_pools`) and :func:`simulate` to run it
+  over a trace.
 - :mod:`.slab`, :mod:`.kernels`, :mod:`.calibrate`: the cache's memory and its reads, computing one
   expert (loaded, streamed from the store, or from its int8 copy), and Fiddler's cost rule measured.
 - :mod:`.runtime`: :func:`offload` serves a model's experts from a store through that cache,
@@ -19,7 +21,7 @@
 """
 
 from moekit.offload.batching import build_batch, compare_batching, expert_aware_batches, fcfs_batches
-from moekit.offload.cache import CacheStats, ExpertCache, check_direct, simulate, slots_for_budget
+from moekit.offload.cache import CacheStats, ExpertCache, PoolPlan, check_direct, plan_pools, simulate, slots_for_budget
 from moekit.offload.checkpoint import load_offloaded
 from moekit.offload.engine import Engine, find_tokenizer, parse_budget
 from moekit.offload.future import Future
@@ -32,6 +34,6 @@ __all__ = [
     "POLICIES", "STORE_KIND", "STREAM_BYTES", "available_policies", "CachePolicy", "CacheStats", "Engine",
     "ExpertCache", "ExpertServer", "ExpertStore", "Future", "LayerSpec", "OffloadedExperts", "ServeStats",
     "check_direct", "find_tokenizer", "load_offloaded", "Trace", "fingerprint", "moe_layers", "offload",
-    "parse_budget", "record_trace", "register_policy", "simulate", "slots_for_budget", "write_store", "build_batch",
+    "parse_budget", "plan_pools", "PoolPlan", "record_trace", "register_policy", "simulate", "slots_for_budget", "write_store", "build_batch",
     "compare_batching", "expert_aware_batches", "fcfs_batches",
 ]

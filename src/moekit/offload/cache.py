@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass, field
 from moekit.offload.future import Future, Key
 from moekit.offload.policies import build_policy
 
-__all__ = ["CacheStats", "ExpertCache", "Future", "check_direct", "simulate", "slots_for_budget"]
+__all__ = ["CacheStats", "ExpertCache", "Future", "PoolPlan", "check_direct", "plan_pools", "simulate",
+           "slots_for_budget"]
 
 @dataclass
 class CacheStats:
@@ -138,13 +139,64 @@ def slots_for_budget(budget_bytes: int, expert_bytes: Sequence[int], num_experts
     return slots
 
 
+@dataclass
+class PoolPlan:
+    """The pools of a cache over experts of different sizes: ``slots`` and ``slot_bytes`` per pool,
+    ``pool_of[layer][expert]``, and ``scratch``: bytes of the one buffer (kept out of the slots, counted
+    in the budget) that experts of a pool without slots are read into to be computed, never admitted."""
+
+    slots: list[int]
+    slot_bytes: list[int]
+    pool_of: list[list[int]]
+    scratch: int
+
+
+def plan_pools(budget_bytes: int, sizes: Sequence[Sequence[int]], partition: str = "layer",
+               scratch: int = 0) -> PoolPlan:
+    """Pools for experts of different sizes (MC-MoE's per-expert widths): one pool per layer and block
+    size (``partition="layer"``) or per block size (``"global"``), each slot of its experts' exact size
+    in whole 8-byte words (so every part of a block is aligned).
+    Every pool gets one slot, then the rest of the budget is shared in proportion to the bytes of each
+    pool's experts still without one. When the budget cannot give every pool a slot, the pools of the largest experts go
+    without: their experts are read into the scratch buffer when needed, never admitted (the budget
+    keeps room for the largest of them, and at least ``scratch`` bytes). Raises if no pool gets a slot."""
+    if partition not in ("layer", "global"):
+        raise ValueError(f"partition: unknown value {partition!r}; valid values are 'layer', 'global'")
+    keys: dict[tuple[int, int], int] = {}
+    pool_of = [[keys.setdefault((i if partition == "layer" else 0, b), len(keys)) for b in layer]
+               for i, layer in enumerate(sizes)]
+    size = [-(-b // 8) * 8 for _, b in keys]
+    scratch = -(-scratch // 8) * 8
+    members = [sum(row.count(p) for row in pool_of) for p in range(len(size))]
+    active = sorted(range(len(size)), key=lambda p: size[p])
+    while active:  # the largest experts' pools go first
+        need = max([scratch] + [size[p] for p in range(len(size)) if p not in active])
+        left = budget_bytes - need - sum(size[p] for p in active)
+        if left >= 0:
+            break
+        active.pop()
+    else:
+        raise ValueError(f"expert cache: a budget of {budget_bytes:,} bytes holds no expert beside a buffer for the "
+                         f"largest; the minimum is {min(size) + max(size + [scratch]):,} bytes")
+    rest = sum(size[p] * (members[p] - 1) for p in active)  # the experts still without a slot
+    slots = [0] * len(size)
+    for p in active:
+        slots[p] = 1 + min(members[p] - 1, int(left * (members[p] - 1) / rest) if rest else 0)
+    spare = left - sum(size[p] * (slots[p] - 1) for p in active)
+    for p in active:  # what rounding down left over: one more slot where it fits, smallest experts first
+        more = min(members[p] - slots[p], spare // size[p])
+        slots[p] += more
+        spare -= more * size[p]
+    return PoolPlan(slots, size, pool_of, need)
+
+
 class ExpertCache:
     """Which experts are resident, and where.
 
     Args:
         slots: slots per pool (see :func:`slots_for_budget`).
         num_layers: layers served; with one pool, every layer shares pool 0.
-        expert_bytes: bytes of one expert of each layer (counted per load).
+        expert_bytes: bytes of one expert of each layer (counted per load), or a list of each expert's.
         policy: the name of a registered policy (:func:`available_policies`): ``"lru"``, ``"lfu"``,
             ``"belady"``...
         future: the known future for ``"belady"`` (a :class:`Future` over the same access stream)
@@ -155,19 +207,24 @@ class ExpertCache:
         direct: ``None``, ``"future"``, an int ``k >= 1`` or one per layer: when a miss is computed
             from the store instead of being admitted (see the module's docstring); ``"future"``
             needs ``future``.
+        pool_of: the pool of each layer's each expert (:class:`PoolPlan`); default one pool per layer,
+            or one for all if ``slots`` has one entry. A miss in a pool of no slot is computed from
+            the store (counted as ``direct``).
     """
 
     def __init__(self, slots: Sequence[int], num_layers: int, expert_bytes: Sequence[int], policy: str = "lru",
                  future: Future | None = None, window: float = math.inf,
-                 low_bytes: Sequence[int] | None = None, direct: str | int | None = None) -> None:
+                 low_bytes: Sequence[int] | None = None, direct: str | int | None = None,
+                 pool_of: Sequence[Sequence[int]] | None = None) -> None:
         check_direct(direct, future, num_layers)
         if isinstance(direct, (list, tuple)):
             direct = list(direct) if len(direct) > 1 else direct[0]
         self.policy = build_policy(policy, future, window)
-        if len(slots) not in (1, num_layers):
+        if pool_of is None and len(slots) not in (1, num_layers):
             raise ValueError(f"slots: one pool or one per layer ({num_layers}), got {len(slots)}")
         self.future, self.window, self.direct = future, window, direct
-        self.pool_of = (lambda layer: 0) if len(slots) == 1 else (lambda layer: layer)
+        self.pool_map = [list(p) for p in pool_of] if pool_of is not None else None
+        self.one_pool = len(slots) == 1
         self.expert_bytes = list(expert_bytes)
         self.low_bytes = list(low_bytes or [0] * num_layers)
         self.free: list[list[int]] = [list(range(n - 1, -1, -1)) for n in slots]
@@ -176,6 +233,17 @@ class ExpertCache:
         self.residents: list[set[Key]] = [set() for _ in slots]
         self.unused: set[Key] = set()  # prefetched, not accessed yet
         self.stats = CacheStats()
+
+    def pool(self, layer: int, expert: int) -> int:
+        """The pool that holds ``expert`` of ``layer``."""
+        if self.pool_map is not None:
+            return self.pool_map[layer][expert]
+        return 0 if self.one_pool else layer
+
+    def size(self, layer: int, expert: int) -> int:
+        """Bytes of one load of ``expert`` of ``layer``."""
+        b = self.expert_bytes[layer]
+        return b if isinstance(b, int) else b[expert]
 
     @property
     def t(self) -> int:
@@ -223,7 +291,7 @@ class ExpertCache:
                load: Callable[[int, int, int], None] | None) -> int | str:
         """Where a needed expert is computed from: its slot (loaded into it on a miss), or, for a miss
         kept out of the cache, ``"int8"`` (its int8 copy) or ``"store"``."""
-        key, pool, st = (layer, e), self.pool_of(layer), self.stats
+        key, pool, st = (layer, e), self.pool(layer, e), self.stats
         if key in self.where:
             return self.where[key]
         st.misses += 1
@@ -231,8 +299,8 @@ class ExpertCache:
             st.low_bit += 1
             st.bytes_loaded += self.low_bytes[layer]
             return "int8"
-        st.bytes_loaded += self.expert_bytes[layer]
-        if self._bypass(pool, key, pending, tokens):
+        st.bytes_loaded += self.size(layer, e)
+        if not self.slots[pool] or self._bypass(pool, key, pending, tokens):
             st.direct += 1
             return "store"
         slot = self._slot(pool, pending)
@@ -260,23 +328,22 @@ class ExpertCache:
         """Make ``experts`` of ``layer`` resident ahead of their access, evicting by the policy but
         never a key in ``protect`` (the experts the running layer still needs) nor one of these;
         ``load(layer, expert, slot)`` for each. Returns how many were loaded."""
-        pool = self.pool_of(layer)
         wanted = sorted({int(e) for e in experts})
         protect = set(protect) | {(layer, e) for e in wanted}
         n = 0
         for e in wanted:
-            key = (layer, e)
-            if key in self.where:
+            key, pool = (layer, e), self.pool(layer, e)
+            if key in self.where or not self.slots[pool]:
                 continue
             slot = self._slot(pool, protect, required=False)
             if slot is None:
-                break
+                continue
             self.where[key] = slot
             self.residents[pool].add(key)
             self.policy.prefetched(key)
             self.unused.add(key)
             self.stats.prefetched += 1
-            self.stats.bytes_loaded += self.expert_bytes[layer]
+            self.stats.bytes_loaded += self.size(layer, e)
             n += 1
             if load is not None:
                 self._guarded(load, layer, e, slot)
@@ -287,12 +354,11 @@ class ExpertCache:
         try:
             load(layer, expert, slot)
         except BaseException:
-            self.drop(layer, slot)
+            self.drop(self.pool(layer, expert), slot)
             raise
 
-    def drop(self, layer: int, slot: int) -> None:
-        """Forget whatever ``slot`` of ``layer``'s pool holds (its weights cannot be trusted); the slot is free."""
-        pool = self.pool_of(layer)
+    def drop(self, pool: int, slot: int) -> None:
+        """Forget whatever ``slot`` of ``pool`` holds (its weights cannot be trusted); the slot is free."""
         key = next((k for k in self.residents[pool] if self.where[k] == slot), None)
         if key is not None:
             self.residents[pool].discard(key)
@@ -329,14 +395,21 @@ def simulate(accesses: Sequence[tuple[int, Sequence[int]]], expert_bytes: Sequen
     experts of access ``i``) is below it is served by its int8 copy of ``low_bytes`` (HOBBIT); the
     budget then keeps room for one such copy, as the runtime does. ``direct``: when a miss is computed
     from the store instead of admitted (see :class:`ExpertCache`; each expert of an access counts one
-    token, as in batch-1 decoding)."""
+    token, as in batch-1 decoding). ``expert_bytes[i]`` may list each expert's bytes (experts quantized
+    at widths of their own): the pools are then :func:`plan_pools`'s."""
     if low_threshold is not None:
         if weights is None or low_bytes is None:
             raise ValueError("simulate: low_threshold needs the gate weights of the trace and low_bytes")
         budget_bytes -= max(low_bytes)
-    slots = slots_for_budget(budget_bytes, expert_bytes, num_experts, partition)
+    pools = None
+    if any(not isinstance(b, int) for b in expert_bytes):  # each expert's bytes: quantized at its own width
+        pools = plan_pools(budget_bytes, expert_bytes, partition)
+        slots = pools.slots
+    else:
+        slots = slots_for_budget(budget_bytes, expert_bytes, num_experts, partition)
     future = Future(accesses, tokens)
-    cache = ExpertCache(slots, len(expert_bytes), expert_bytes, policy, future, window, low_bytes, direct)
+    cache = ExpertCache(slots, len(expert_bytes), expert_bytes, policy, future, window, low_bytes, direct,
+                        None if pools is None else pools.pool_of)
     for t, (layer, experts) in enumerate(accesses):
         if prefetch and t + 1 < len(accesses) and future.tokens[t + 1] - future.tokens[t] < window:
             nxt_layer, nxt = accesses[t + 1]

@@ -34,7 +34,7 @@ def _layer_costs(server, layer: int, spec: LayerSpec, grid: list[int], repeats: 
     t_cache, t_host = [], []
     for n in grid:
         x = torch.randn(n, spec.d_model, generator=gen, dtype=dtype).to(server.device)
-        t_cache.append(_median_time(server, repeats, lambda x=x: server.compute(layer, x, server.weights(layer, 0))))
+        t_cache.append(_median_time(server, repeats, lambda x=x: server.compute(layer, x, server.weights(layer, 0, 0))))
         t_host.append(_median_time(server, repeats, server.compute_where_stored, layer, x, 0))
     k = next((n for n, c, h in zip(grid, t_cache, t_host) if t_load + c <= h), 2 * grid[-1])
     return {"t_load": t_load, "tokens": grid, "t_cache": t_cache, "t_host": t_host, "threshold": k}

@@ -1,5 +1,6 @@
-"""Computing one expert from its weights: a loaded block's parts, a block streamed from the store,
-or an int8 copy.
+"""Computing one expert from its weights: a loaded block's parts (float, or quantized: dequantized
+as :class:`~moekit.compress.quantized.QuantizedExperts` does), a block streamed from the store, or an
+int8 copy.
 
 Every kernel is exact for the weights it is given: an expert is one ``F.linear`` pair on its rows
 (equal to the grouped matmul of :class:`~moekit.experts.GroupedExperts` up to float summation order).
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.compress.quant import QuantizedTensor, dequantize
+from moekit.compress.quantized import expert_ffn
 from moekit.experts import Activation
 from moekit.offload.store import LayerSpec
 
@@ -21,8 +24,12 @@ __all__ = ["expert_forward", "int8_forward", "streamed_forward"]
 
 
 def expert_forward(act: Activation, x: Tensor, w: dict[str, Tensor]) -> Tensor:
-    """One expert with weights ``w`` (a block's parts, :meth:`LayerSpec.split`) on rows ``x``."""
+    """One expert with weights ``w`` (a block's parts, :meth:`LayerSpec.split` or
+    :meth:`LayerSpec.split_quant`) on rows ``x``."""
     dt = x.dtype
+    if isinstance(w["first"], QuantizedTensor):  # the in-memory QuantizedExperts' computation, exactly
+        b1, b2 = (w[k].to(dt) if k in w else None for k in ("first_bias", "down_bias"))
+        return expert_ffn(x, dequantize(w["first"], dt), b1, dequantize(w["down"], dt), b2, act)
     h = F.linear(x, w["first"].to(dt), w["first_bias"].to(dt) if "first_bias" in w else None)
     return F.linear(act.apply(h), w["down"].to(dt), w["down_bias"].to(dt) if "down_bias" in w else None)
 

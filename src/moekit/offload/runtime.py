@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from moekit.dispatch import LocalDispatcher, Segments
 from moekit.experts import get_activation
-from moekit.offload.cache import ExpertCache, check_direct, slots_for_budget
+from moekit.offload.cache import ExpertCache, check_direct, plan_pools, slots_for_budget
 from moekit.offload.calibrate import calibrate
 from moekit.offload.future import Future
 from moekit.offload.kernels import expert_forward, int8_forward, streamed_forward
@@ -129,18 +129,16 @@ class ExpertServer:
             raise ValueError("prefetch='future' needs future=Future(accesses) (a PreGate's routing or a recorded trace)")
         self.store = store
         L = len(store.layers)
-        self.expert_bytes = [store.expert_bytes(i) for i in range(L)]
         self.low_threshold = low_threshold
         low_bytes = [s.low_bytes for s in store.layers]
         if low_threshold is not None and not store.low_bit:
             raise ValueError(f"low_threshold needs int8 copies: {store.folder} was written without them; rewrite it "
                              "with write_store(model, folder, low_bit=True)")
         self.low_buf = torch.empty(max(low_bytes) if low_threshold is not None else 0, dtype=torch.uint8)
-        slots = slots_for_budget(budget_bytes - self.low_buf.numel(), self.expert_bytes,
-                                 [s.num_experts for s in store.layers], partition)
+        slots, pool_of = self._plan(budget_bytes - self.low_buf.numel(), partition, direct)
         self.budget_bytes = budget_bytes
         self.cache = ExpertCache(slots, L, self.expert_bytes, policy, future, window, low_bytes,
-                                 None if direct == "cost" else direct)
+                                 None if direct == "cost" else direct, pool_of)
         self.acts = [get_activation(spec.activation) for spec in store.layers]
         widest = max(max(s.d_model, s.d_ff) for s in store.layers)
         streams = direct is not None and host == "disk"
@@ -148,7 +146,7 @@ class ExpertServer:
                                       dtype=store.dtype)
         self.row_weight: Tensor | None = None  # combine weight of each dispatched row (for low_threshold)
         self.future, self.prefetch = future, prefetch
-        self.memory = SlabMemory(store, slots, self.cache.pool_of, self.device, host)
+        self.memory = SlabMemory(store, slots, self.cache.pool, self.device, host)
         self.inflight: dict[tuple[int, int], Future_] = {}  # (pool, slot) -> read in progress
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if prefetch else None
         self.moes: list[nn.Module] = []  # set by offload(): the routers predict the next layer
@@ -162,14 +160,33 @@ class ExpertServer:
         self.bytes_read0 = store.bytes_read
         self.tokens = 0
 
+    def _plan(self, budget: int, partition: str, direct) -> tuple[list[int], list[list[int]] | None]:
+        """``(slots per pool, pool of each expert)`` for ``budget`` bytes, and :attr:`expert_bytes`.
+        Quantized experts are pooled by block size (:func:`plan_pools`), every slot of its experts' real
+        bytes, with one buffer (``qbuf``, in the budget) for those computed from the store."""
+        store = self.store
+        if not store.quantized:
+            self.expert_bytes = [store.expert_bytes(i) for i in range(len(store.layers))]
+            self.qbuf = torch.empty(0, dtype=torch.uint8)
+            return slots_for_budget(budget, self.expert_bytes, [s.num_experts for s in store.layers], partition), None
+        if direct == "cost":
+            raise ValueError("direct='cost' is not supported for a store of quantized experts; pass direct='future' "
+                             "or an int")
+        self.expert_bytes = [list(sizes) for sizes in store.sizes]
+        quant = [max(n) for n, s in zip(store.sizes, store.layers) if s.quantized]
+        plan = plan_pools(budget, store.sizes, partition, max(quant) if direct is not None else 0)
+        self.qbuf = torch.empty(plan.scratch, dtype=torch.uint8)
+        return plan.slots, plan.pool_of
+
     @property
     def slabs(self) -> list[Tensor]:
         """The cache's memory: one ``slots x block`` tensor per pool."""
         return self.memory.slabs
 
     def resident_bytes(self) -> int:
-        """Bytes of expert weights held in the cache's memory (the slabs and the int8 buffer)."""
-        return self.memory.resident_bytes() + self.low_buf.numel()
+        """Bytes of expert weights held in the cache's memory (the slabs, the int8 buffer and the buffer of
+        quantized experts computed from the store)."""
+        return self.memory.resident_bytes() + self.low_buf.numel() + self.qbuf.numel()
 
     def compute(self, layer: int, x: Tensor, w: dict[str, Tensor]) -> Tensor:
         """One expert of ``layer`` with weights ``w`` (a block's parts) on rows ``x``."""
@@ -182,6 +199,13 @@ class ExpertServer:
         xc = x if x.device.type == "cpu" else x.cpu()
         if self.memory.host_parts is not None:
             y = self.compute(layer, xc, self.memory.host_parts[layer][expert])
+        elif self.store.layers[layer].quantized:  # a packed block is small: read whole into the buffer
+            t0 = time.perf_counter()
+            self.store.read(layer, expert, self.qbuf)
+            dt = time.perf_counter() - t0
+            self.read_s += dt
+            self.exposed_s += dt
+            y = self.compute(layer, xc, self.memory.split(layer, expert, self.qbuf))
         else:
             chunks = self.store.stream(layer, expert, self.stream_buf)
             y, reading = streamed_forward(self.store.layers[layer], self.acts[layer], xc, chunks)
@@ -207,27 +231,28 @@ class ExpertServer:
         """Fiddler's rule measured on this machine (:func:`moekit.offload.calibrate.calibrate`)."""
         return calibrate(self, repeats, max_tokens, dtype)
 
-    def _wait(self, layer: int, slot: int) -> None:
-        fut = self.inflight.pop((self.cache.pool_of(layer), slot), None)
+    def _wait(self, pool: int, slot: int) -> None:
+        fut = self.inflight.pop((pool, slot), None)
         if fut is not None:
             t0 = time.perf_counter()
             try:
                 self.read_s += fut.result()
             except BaseException:
-                self.cache.drop(layer, slot)  # the prefetched expert never arrived: not resident
+                self.cache.drop(pool, slot)  # the prefetched expert never arrived: not resident
                 raise
             self.exposed_s += time.perf_counter() - t0
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
         """A demand miss: read now (after any prefetch still writing that slot)."""
-        self._wait(layer, slot)
+        self._wait(self.cache.pool(layer, expert), slot)
         dt = self.memory.read(layer, expert, slot)
         self.read_s += dt
         self.exposed_s += dt
 
     def _submit(self, layer: int, expert: int, slot: int) -> None:
-        self._wait(layer, slot)
-        self.inflight[(self.cache.pool_of(layer), slot)] = self.executor.submit(self.memory.read, layer, expert, slot)
+        pool = self.cache.pool(layer, expert)
+        self._wait(pool, slot)
+        self.inflight[(pool, slot)] = self.executor.submit(self.memory.read, layer, expert, slot)
 
     def _issue_prefetch(self, layer: int, needed: list[int]) -> None:
         """Before ``layer`` computes ``needed``: start loading what the next access will need."""
@@ -244,11 +269,11 @@ class ExpertServer:
             nxt = torch.unique(r.expert[r.weight != 0]).tolist()
         self.cache.prefetch(nxt_layer, nxt, self._submit, protect={(layer, e) for e in needed})
 
-    def weights(self, layer: int, slot: int) -> dict[str, Tensor]:
-        """The parts of the expert in ``slot`` of ``layer``'s pool (views, made once per slot and
+    def weights(self, layer: int, expert: int, slot: int) -> dict:
+        """The parts of ``expert`` of ``layer`` in ``slot`` of its pool (views, made once per slot and
         layer shape), once its read is done."""
-        self._wait(layer, slot)
-        return self.memory.parts(layer, slot)
+        self._wait(self.cache.pool(layer, expert), slot)
+        return self.memory.parts(layer, expert, slot)
 
     def drain(self) -> None:
         """Wait for every read in flight (a failed one leaves its expert not resident, and raises)."""
@@ -258,8 +283,7 @@ class ExpertServer:
             try:
                 self.read_s += fut.result()
             except Exception as e:  # noqa: PERF203 - every read must be accounted for
-                layer = next(i for i in range(len(self.expert_bytes)) if self.cache.pool_of(i) == pool)
-                self.cache.drop(layer, slot)
+                self.cache.drop(pool, slot)
                 failed = failed or e
         if failed is not None:
             raise failed
@@ -314,7 +338,7 @@ class OffloadedExperts(nn.Module):
             elif slot == "store":
                 out[rows] = server.compute_where_stored(self.layer, x_ND[rows], e)
             else:
-                out[rows] = server.compute(self.layer, x_ND[rows], server.weights(self.layer, slot))
+                out[rows] = server.compute(self.layer, x_ND[rows], server.weights(self.layer, e, slot))
 
         needed = [e for e, n in enumerate(seg.sizes) if n]
         low: list[int] = []
