@@ -18,6 +18,7 @@ def test_dispatch_sorts_rows_by_expert_keeping_token_order():
     assert x_ND.tolist() == [[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [2.0, 20.0]]  # expert 0: tokens 0, 2; expert 2: 0, 1
     assert seg.sizes == [2, 0, 2] and seg.ends.tolist() == [2, 2, 4] and seg.ends.dtype == torch.int32
     assert seg.expert_of_row().tolist() == [0, 0, 2, 2] and seg.num_rows == 4
+    assert seg.expert_of_row(num_rows=4).tolist() == [0, 0, 2, 2]  # with N given: no host read of the counts
     assert ctx.token_N.tolist() == [0, 2, 0, 1] and ctx.weight_N.tolist() == [0.25, 2.0, 0.5, 1.0]
     assert Segments.from_counts(torch.tensor([0, 3])).ends.tolist() == [0, 3]
 

@@ -9,7 +9,9 @@ Backends (each computes the whole expert FFN on expert-sorted rows):
                     weight gradients per expert (never autograd through ``w[e]``: that backward is
                     O(E^2)). Any dtype, any device, any width.
     ``grouped_mm``  ``torch._grouped_mm`` for both projections (torch >= 2.9; fp32/bf16; 16-byte
-                    aligned widths); chosen first wherever it runs.
+                    aligned widths); chosen first wherever it runs. Its split sizes stay on the
+                    device, so under ``torch.compile`` it runs inside the graph (as the custom op
+                    ``moekit::grouped_mm``); the loop runs eagerly between two graphs.
 """
 
 from __future__ import annotations
@@ -205,7 +207,10 @@ class _SegmentLoopFFN(torch.autograd.Function):
         return dx, dw1, db1, dw2, db2, None, None
 
 
+@torch.compiler.disable
 def _loop_experts(x_ND: Tensor, experts: GroupedExperts, seg: Segments) -> Tensor:
+    """The segment loop; its per-expert slices need the sizes on the host, so under torch.compile it
+    runs eagerly between two graphs (the layer's one graph break)."""
     return _SegmentLoopFFN.apply(
         x_ND.contiguous(), experts.first_proj, experts.first_bias, experts.down_proj, experts.down_proj_bias,
         tuple(seg.sizes), experts.act,
@@ -213,6 +218,54 @@ def _loop_experts(x_ND: Tensor, experts: GroupedExperts, seg: Segments) -> Tenso
 
 
 # --- torch._grouped_mm: two grouped GEMMs with the activation between them
+#
+# Under torch.compile the GEMMs run as the custom ops ``moekit::grouped_mm`` and
+# ``moekit::grouped_mm_wgrad`` (its weight gradient): aten._grouped_mm's meta function accepts
+# bf16 only, these ops' fake functions any dtype, and their backward is registered here. They take
+# the weights in the parameters' own ``[E, O, I]`` layout, which the compiler passes as they are
+# (a transposed view would be copied to contiguous memory at every call). Eagerly the aten op runs
+# directly (a custom op costs ~10 us of dispatch per call).
+
+
+@torch.library.custom_op("moekit::grouped_mm", mutates_args=())
+def grouped_mm(x: Tensor, w: Tensor, offs: Tensor, transpose_w: bool) -> Tensor:
+    """Rows ``[offs[g-1], offs[g])`` of ``x [N, I]`` times ``w[g]^T`` (``w [E, O, I]``, ``transpose_w``)
+    or ``w[g]`` (``w [E, I, O]``): ``[N, O]``."""
+    return torch._grouped_mm(x.contiguous(), w.transpose(-2, -1) if transpose_w else w, offs=offs)
+
+
+@grouped_mm.register_fake
+def _grouped_mm_fake(x: Tensor, w: Tensor, offs: Tensor, transpose_w: bool) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-2] if transpose_w else w.shape[-1])
+
+
+@torch.library.custom_op("moekit::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """``[E, P, Q]``: per row group g of ``a [N, P]`` and ``b [N, Q]``, ``a_g^T @ b_g`` (zero if empty)."""
+    return torch._grouped_mm(a.contiguous().t(), b.contiguous(), offs=offs)
+
+
+@grouped_mm_wgrad.register_fake
+def _grouped_mm_wgrad_fake(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    x, w, offs, ctx.transpose_w = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _grouped_mm_backward(ctx, g: Tensor):
+    x, w, offs = ctx.saved_tensors
+    g = g.contiguous()  # the aten op rejects zero-stride (expanded) gradients
+    dx = grouped_mm(g, w, offs, not ctx.transpose_w) if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.needs_input_grad[1]:  # y_g = x_g w_g^T: dw_g = g_g^T x_g; y_g = x_g w_g: dw_g = x_g^T g_g
+        dw = grouped_mm_wgrad(g, x, offs) if ctx.transpose_w else grouped_mm_wgrad(x, g, offs)
+    return dx, dw, None, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def _contiguous_grad(g: Tensor) -> Tensor:
@@ -220,9 +273,12 @@ def _contiguous_grad(g: Tensor) -> Tensor:
 
 
 def _grouped_linear(x_ND: Tensor, w_EOI: Tensor, b_EO: Tensor | None, seg: Segments, rows_N: Tensor | None) -> Tensor:
-    y = torch._grouped_mm(x_ND.contiguous(), w_EOI.transpose(-2, -1), offs=seg.ends)
-    if y.requires_grad:  # the op's backward rejects zero-stride (expanded) incoming gradients
-        y.register_hook(_contiguous_grad)
+    if torch.compiler.is_compiling():
+        y = grouped_mm(x_ND, w_EOI, seg.ends, True)
+    else:
+        y = torch._grouped_mm(x_ND.contiguous(), w_EOI.transpose(-2, -1), offs=seg.ends)
+        if y.requires_grad:  # the op's backward rejects zero-stride (expanded) incoming gradients
+            y.register_hook(_contiguous_grad)
     return y if b_EO is None else y + b_EO.index_select(0, rows_N)
 
 
@@ -231,7 +287,7 @@ def _grouped_mm_experts(x_ND: Tensor, experts: GroupedExperts, seg: Segments) ->
         # experts get a zero gradient, and an expert-parallel backward reaches every rank's all-to-all
         zero = sum(p.sum() for p in experts.parameters()) * 0
         return x_ND @ experts.down_proj.new_zeros(experts.d_model, experts.d_model) + zero
-    rows_N = seg.expert_of_row() if experts.down_proj_bias is not None else None
+    rows_N = seg.expert_of_row(x_ND.shape[0]) if experts.down_proj_bias is not None else None
     h = _grouped_linear(x_ND, experts.first_proj, experts.first_bias, seg, rows_N)
     return _grouped_linear(experts.act.apply(h), experts.down_proj, experts.down_proj_bias, seg, rows_N)
 
@@ -239,6 +295,7 @@ def _grouped_mm_experts(x_ND: Tensor, experts: GroupedExperts, seg: Segments) ->
 _GMM_PROBED: dict[tuple[str, torch.dtype], bool] = {}
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs the probe eagerly, never inside a graph
 def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs forward and backward here (probed once per device type and dtype)."""
     key = (device.type, dtype)

@@ -61,6 +61,22 @@ class MoE(nn.Module):
     router. Extra keyword arguments are context for the router (``token_ids``, ``importance``...).
     The Routing of the last forward is kept in ``moe.last_routing``; read losses and statistics
     with :func:`moekit.aux_loss` and :func:`moekit.routing_stats`.
+
+    ``torch.compile(moe)`` equals the eager layer in outputs and gradients. The split sizes (rows
+    per expert) are data-dependent, but the ``grouped_mm`` backend takes them as a device tensor,
+    so with a router of fixed assignment count (``TopK`` without capacity, ``ExpertChoice``,
+    ``Softmax``, ``SigmoidSTE`` in training) the forward is one graph with no graph break
+    (``torch._dynamo.explain`` counts 0; ``fullgraph=True`` works). The ``loop`` backend slices
+    rows per expert on the host: it runs eagerly between two graphs, one graph break. Routers
+    whose number of assignments depends on the values (``TopK`` with ``capacity_factor``,
+    ``DSelectK``, ``SigmoidSTE`` at inference) split the graph where they select them
+    (``torch.nonzero``, boolean masks); ``DynamicK`` runs eagerly (one graph break); a
+    precomputed ``routing=`` is validated on the host. A new routing reuses the compiled graphs
+    (one recompile, to dynamic sizes, when the number of assignments changes). Under compile,
+    ``check_finite`` runs inside the graph (``torch._assert_async``): a NaN/inf input raises a
+    RuntimeError with the same message (on CUDA, a device-side assert). Under ``torch.autocast``,
+    torch compiles the backward under the forward's autocast unless
+    ``torch._functorch.config.backward_pass_autocast = "off"`` (eager's behaviour).
     """
 
     def __init__(
@@ -131,11 +147,11 @@ class MoE(nn.Module):
             raise ValueError(
                 f"MoE: the last dim of x must be d_model={self.d_model}, got shape {tuple(x.shape)}"
             )
-        if self.check_finite and x.numel() and not bool(torch.isfinite(x).all()):
-            raise ValueError(
-                "MoE: x contains NaN or inf; fix the input (or the layer before), "
-                "or pass check_finite=False to skip this check"
-            )
+        if self.check_finite and x.numel():
+            if torch.compiler.is_compiling():  # checked inside the graph: a host read would split it
+                torch._assert_async(torch.isfinite(x).all(), _NON_FINITE)
+            elif not bool(torch.isfinite(x).all()):
+                raise ValueError(_NON_FINITE)
 
     def forward(self, x: Tensor, routing: Routing | None = None, **context) -> Tensor:
         self._check_input(x)
@@ -155,6 +171,9 @@ class MoE(nn.Module):
         return y_TD.reshape(x.shape)
 
 
+_NON_FINITE = "MoE: x contains NaN or inf; fix the input (or the layer before), or pass check_finite=False to skip this check"
+
+
 def _autocast_on(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``; older torch has only the CUDA/CPU switches."""
     try:
@@ -169,15 +188,25 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def _routed_modules(model: nn.Module):
-    """``(name, module, routing)`` for every module whose ``last_routing`` is a Routing or a list of them."""
+    """``(name, module, routing)`` for every module whose ``last_routing`` is a Routing or a list of them.
+
+    Each Routing once, named as in the uncompiled model: a ``torch.compile`` wrapper forwards attribute
+    reads to the module it wraps (its ``_orig_mod``), which would otherwise be met twice.
+    """
+    seen: set[int] = set()
     for name, m in model.named_modules():
+        name = ".".join(part for part in name.split(".") if part != "_orig_mod")
         r = getattr(m, "last_routing", None)
         if isinstance(r, Routing):
-            yield name, m, r
+            found = [(name, r)]
         elif isinstance(r, (list, tuple)):
-            for i, ri in enumerate(r):
-                if isinstance(ri, Routing):
-                    yield f"{name}[{i}]" if name else f"[{i}]", m, ri
+            found = [(f"{name}[{i}]" if name else f"[{i}]", ri) for i, ri in enumerate(r) if isinstance(ri, Routing)]
+        else:
+            continue
+        for key, ri in found:
+            if id(ri) not in seen:
+                seen.add(id(ri))
+                yield key, m, ri
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -20,10 +20,18 @@ from torch import Tensor, nn
 __all__ = [
     "Routing",
     "Router",
+    "count_per_expert",
     "load_balancing_loss",
     "router_z_loss",
     "fp32",
 ]
+
+
+def count_per_expert(expert_N: Tensor, num_experts: int) -> Tensor:
+    """``[E]`` int64: how many entries of ``expert_N`` name each expert. ``torch.bincount`` with a size
+    fixed by ``num_experts`` (bincount's own size depends on the values, which splits a compiled graph)."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_N.device)
+    return counts.scatter_add_(0, expert_N, torch.ones_like(expert_N, dtype=torch.int64))
 
 
 @dataclass
@@ -83,7 +91,7 @@ class Routing:
 
     def counts(self) -> Tensor:
         """Assignments per expert, ``[E]`` int64."""
-        return torch.bincount(self.expert, minlength=self.num_experts)
+        return count_per_expert(self.expert, self.num_experts)
 
     def experts_per_token(self) -> Tensor:
         """Number of experts each token was sent to, ``[T]`` int64."""
@@ -163,7 +171,7 @@ def load_balancing_loss(probs_TE: Tensor, expert_N: Tensor, num_assignments: int
     if T == 0:
         return probs_TE.sum() * 0.0
     n = num_assignments if num_assignments is not None else expert_N.numel()
-    f_E = torch.bincount(expert_N, minlength=E).to(probs_TE.dtype) / max(n, 1)
+    f_E = count_per_expert(expert_N, E).to(probs_TE.dtype) / max(n, 1)
     P_E = probs_TE.mean(dim=0)
     return E * torch.dot(f_E, P_E)
 

@@ -79,6 +79,9 @@ class DynamicK(LinearRouter):
         if bool(torch.isfinite(new)):
             self.scale.copy_(new)
 
+    # Under torch.compile the router runs eagerly: each token's K, the ragged top-K and the running-scale
+    # update read values on the host (traced, they would split the graph at every read).
+    @torch.compiler.disable
     def forward(self, x_TD: Tensor, importance: Tensor | None = None, **context) -> Routing:
         self._require_bound()
         if importance is None:

@@ -7,6 +7,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+import torch
+
 
 def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
@@ -32,6 +34,25 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, 
         if progress is not None:
             progress()
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a wait for the device (CUDA runs asynchronously; the CPU needs no wait)."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def first_call_s(fn: Callable[[], object]) -> float:
+    """Wall time (s) of one call of ``fn``: for a compiled function's first call, its compilation (plus one run)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def keep_freed_memory() -> bool:
