@@ -7,6 +7,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import moekit
+from moekit.apps.cli.generate import _eos
 from moekit.apps.cli.main import main
 from moekit.convert import partition
 from moekit.convert import save as save_converted
@@ -135,3 +136,16 @@ def test_refusals_are_one_line(tmp_path, capsys, extra, msg):
     _, folder = _mixtral(tmp_path)
     assert main(["generate", "--model", str(folder), "--prompt", PROMPT, "--device", "cpu", *extra]) != 0
     assert msg in capsys.readouterr().err
+
+
+def test_eos_values_parse_to_token_ids():
+    class Tok:
+        eos = [0]
+
+        def token_id(self, text):
+            return {"w3": 5}.get(text)
+
+    assert _eos(None, Tok()) == [0] and _eos("none", Tok()) == [] and _eos("NONE", Tok()) == []
+    assert _eos("w3, 7", Tok()) == [5, 7]
+    with pytest.raises(ValueError, match="'w99': not a token"):
+        _eos("w99", Tok())

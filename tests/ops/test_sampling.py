@@ -23,7 +23,8 @@ def _kept(logits):
     (0.76, [0, 2, 3]),  # 0.75 < 0.76 <= 0.9
     (0.9, [0, 2, 3]),
     (0.95, [0, 1, 2, 3]),
-    (0.01, [2]),  # at least one token
+    (0.01, [2]),
+    (0.0, [2]),  # at least one token: the limit p -> 0 is greedy
     (1.0, [0, 1, 2, 3]),
 ])
 def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, kept):
