@@ -103,14 +103,6 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------------------- runs and stores
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n\n".join(f"paragraph {i}: the cat sat on the mat and looked around." for i in range(300)),
-                 encoding="utf-8")
-    return p
-
-
 def _train(data, out, *extra):
     return ["train", "--data", str(data), "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--eval-every", "0",
             "--vocab", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--seq-len", "16",
@@ -174,7 +166,7 @@ def test_resume_refuses_conflicting_flags_and_reports_applied_ones(tmp_path, cor
     err = capsys.readouterr().err
     assert "moekit train: warning: resume: continuing from step 4 with steps 4 -> 6" in err
     assert GPT.load(run / "model") is not None
-    corpus.write_text(corpus.read_text() + "\n\nand one more paragraph about the cat.")  # the text itself changed
+    corpus.write_text(corpus.read_text().replace("mat", "rug"))  # the text itself changed (every paragraph)
     line = _error(["train", "--out", str(run), "--resume", "--steps", "8"], capsys)
     assert "changed since the run started (fingerprint" in line
 

@@ -14,14 +14,6 @@ from moekit.loader import generate, load, load_tokenizer
 from moekit.models import GPT
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n\n".join(f"paragraph {i}: the cat sat on the mat and looked around." for i in range(300)),
-                 encoding="utf-8")
-    return p
-
-
 def _train(data, out, *extra):
     return ["train", "--data", str(data), "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--eval-every", "2",
             "--vocab", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--seq-len", "16",
