@@ -1,7 +1,7 @@
 """Corpora, tokenizers and token streams."""
 
 from moekit.data.corpus import Document, by_split, load_corpus, load_text, load_wiki, split_of, wiki_data_dir
-from moekit.data.dataset import TokenStream
+from moekit.data.dataset import TaskStreams, TokenStream
 from moekit.data.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "by_split",
     "split_of",
     "wiki_data_dir",
+    "TaskStreams",
     "TokenStream",
     "train_tokenizer",
     "load_tokenizer",

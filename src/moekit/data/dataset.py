@@ -76,3 +76,43 @@ class TokenStream:
         names = sorted(set(values))
         index = {v: i for i, v in enumerate(names)}
         return names, torch.tensor([index[v] for v in values], dtype=torch.long)
+
+
+@dataclass
+class TaskStreams:
+    """One :class:`TokenStream` per value of a document field (``language``, ``topic_en``...): every
+    window comes from one task's documents and carries that task's index, for layers that gate on the
+    task (MEO). Batches are a pure function of ``(seed, step)``; a row's task is drawn with
+    probability proportional to the task's tokens (the corpus's own mixture)."""
+
+    names: list[str]
+    streams: list[TokenStream]
+
+    @classmethod
+    def from_documents(cls, docs: Sequence[Document], tokenizer, field: str, name: str = "corpus") -> TaskStreams:
+        if not docs:
+            raise ValueError(f"{name}: no documents")
+        names = sorted({getattr(d, field) for d in docs})
+        return cls(names, [TokenStream.from_documents([d for d in docs if getattr(d, field) == v], tokenizer,
+                                                      f"{name} ({field}={v})") for v in names])
+
+    def check_fits(self, seq_len: int, name: str) -> None:
+        for task, s in zip(self.names, self.streams, strict=True):
+            s.check_fits(seq_len, f"{name} ({task})")
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs and targets ``[B, T]`` and each row's task ``[B]`` for training step ``step``."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        sizes = torch.tensor([float(len(s) - seq_len) for s in self.streams])
+        task = torch.multinomial(sizes, batch_size, replacement=True, generator=g)
+        starts = (torch.rand(batch_size, generator=g, dtype=torch.float64) * sizes[task].double()).long()
+        rows = [self.streams[t].ids[s : s + seq_len + 1] for t, s in zip(task.tolist(), starts.tolist(), strict=True)]
+        window = torch.stack(rows)
+        return window[:, :-1], window[:, 1:], task
+
+    def chunks(self, seq_len: int, max_chunks: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Non-overlapping windows of every task (``max_chunks`` per task, evenly spread), their targets
+        and their tasks."""
+        parts = [s.chunks(seq_len, max_chunks)[:2] for s in self.streams]
+        tasks = [torch.full((p[0].shape[0],), i, dtype=torch.long) for i, p in enumerate(parts)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat(tasks)

@@ -3,6 +3,7 @@
 from moekit.models import mole  # noqa: F401  (registers the "mole" FFN kind)
 from moekit.models.ffn import available_ffns, register_ffn
 from moekit.models.gpt import GPT, GPTConfig
+from moekit.models.meo import MEO
 from moekit.models.pregate import PreGate
 
-__all__ = ["GPT", "GPTConfig", "PreGate", "available_ffns", "register_ffn"]
+__all__ = ["GPT", "GPTConfig", "MEO", "PreGate", "available_ffns", "register_ffn"]

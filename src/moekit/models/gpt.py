@@ -27,6 +27,7 @@ from moekit.io import MANIFEST, IntegrityError, kind_of, read_json, verify, writ
 from moekit.layer import MoE
 from moekit.models.config import GPTConfig
 from moekit.models.ffn import build_ffn
+from moekit.models.meo import MEO
 from moekit.models.pregate import PreGate
 from moekit.ops.rotary import Rotary, rotate_and_cache
 from moekit.ops.sampling import Sampling, eos_ids, next_token
@@ -82,7 +83,7 @@ class Block(nn.Module):
         return tuple(getattr(self.ffn, "context_keys", gate.context_keys if isinstance(gate, Router) else ()))
 
     def forward(self, x: Tensor, rope: Rotary, token_ids: Tensor, embeddings: Tensor,
-                cache: dict | None = None, expert_ids: Tensor | None = None) -> Tensor:
+                cache: dict | None = None, expert_ids: Tensor | None = None, task_ids: Tensor | None = None) -> Tensor:
         keys = self.context_keys
         a, importance = self.attn(self.attn_norm(x), rope, cache, want_importance="importance" in keys)
         x = x + a
@@ -102,9 +103,14 @@ class Block(nn.Module):
                     raise ValueError("this layer routes by pre-gated expert ids, but the GPT has no PreGate "
                                      "(set GPTConfig.pregate, or convert with moekit.convert.refactor)")
                 context[k] = expert_ids.reshape(-1)
+            elif k == "task_ids":
+                if task_ids is None:
+                    raise ValueError("this layer gates on the task (MEO): pass task_ids, one id per sequence, to "
+                                     "GPT.forward/loss/generate")
+                context[k] = task_ids
             else:
                 raise ValueError(f"GPT cannot provide the context {k!r}; it provides token_ids, embeddings, "
-                                 "importance, expert_ids")
+                                 "importance, expert_ids, task_ids")
         return x + self.ffn(h, **context)
 
 
@@ -129,6 +135,7 @@ class GPT(nn.Module):
         PreGate) keep their own init."""
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
         in_router = {id(p) for m in self.modules() if isinstance(m, Router) for p in m.parameters()}
+        in_router |= {id(p) for m in self.modules() if isinstance(m, MEO) for p in m.own_init_parameters()}
         if self.pregate is not None:
             in_router |= {id(p) for p in self.pregate.parameters()}
         for name, p in self.named_parameters():
@@ -137,8 +144,9 @@ class GPT(nn.Module):
             is_out = name.endswith(("attn.proj.weight", "down_proj", "down_proj.weight"))
             nn.init.normal_(p, std=out_std if is_out else std)
 
-    def forward(self, ids_BT: Tensor, caches: list[dict] | None = None) -> Tensor:
-        """Logits ``[B, T, V]``. ``caches`` (one dict per layer) enables incremental decoding."""
+    def forward(self, ids_BT: Tensor, caches: list[dict] | None = None, task_ids: Tensor | None = None) -> Tensor:
+        """Logits ``[B, T, V]``. ``caches`` (one dict per layer) enables incremental decoding; ``task_ids``
+        (``[B]``) is each sequence's task, for layers that gate on it (MEO)."""
         if ids_BT.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"GPT: token ids must be int64/int32, got {ids_BT.dtype}")
         if ids_BT.numel() and (int(ids_BT.max()) >= self.config.vocab_size or int(ids_BT.min()) < 0):
@@ -151,21 +159,22 @@ class GPT(nn.Module):
         if self.pregate is not None:  # Read-ME: every layer's expert is decided before the backbone runs
             expert_ids = self.pregate.route(ids_BT, None if caches is None else caches[0].setdefault("pregate", {}))
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope, ids_BT, emb, None if caches is None else caches[i], expert_ids)
+            x = block(x, self.rope, ids_BT, emb, None if caches is None else caches[i], expert_ids, task_ids)
         return self.head(self.norm(x))
 
-    def loss(self, ids_BT: Tensor, targets_BT: Tensor) -> Tensor:
-        logits = self(ids_BT)
+    def loss(self, ids_BT: Tensor, targets_BT: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        logits = self(ids_BT, task_ids=task_ids)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets_BT.reshape(-1))
 
     @torch.no_grad()
     def generate(self, ids_BT: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  generator: torch.Generator | None = None, *, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | Sequence[int] | None = None) -> Tensor:
+                 eos_token_id: int | Sequence[int] | None = None, task_ids: Tensor | None = None) -> Tensor:
         """Continue ``ids`` with a KV cache: greedy (``temperature=0``) or sampled with ``temperature``,
         ``top_k`` and ``top_p`` (Hugging Face's conventions, :mod:`moekit.ops.sampling`). A row that
         produces an ``eos_token_id`` is finished: it is padded with that token while the others go on,
-        and generation stops when every row is finished. Returns ``[B, T + new]``, ``new <= max_new_tokens``."""
+        and generation stops when every row is finished. ``task_ids`` as in :meth:`forward`. Returns
+        ``[B, T + new]``, ``new <= max_new_tokens``."""
         if ids_BT.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"generate: {ids_BT.shape[1]} prompt + {max_new_tokens} new tokens exceed max_seq_len={self.config.max_seq_len}"
@@ -173,7 +182,7 @@ class GPT(nn.Module):
         sampling = Sampling(temperature, top_k, top_p)
         eos = torch.tensor(eos_ids(eos_token_id, self.config.vocab_size), device=ids_BT.device, dtype=ids_BT.dtype)
         caches = [{} for _ in self.blocks]
-        logits = self(ids_BT, caches)[:, -1]
+        logits = self(ids_BT, caches, task_ids)[:, -1]
         out = [ids_BT]
         done = torch.zeros(ids_BT.shape[0], 1, dtype=torch.bool, device=ids_BT.device)
         for i in range(max_new_tokens):
@@ -184,7 +193,7 @@ class GPT(nn.Module):
             out.append(nxt)
             if i + 1 == max_new_tokens or bool(done.all()):
                 break
-            logits = self(nxt, caches)[:, -1]
+            logits = self(nxt, caches, task_ids)[:, -1]
         return torch.cat(out, dim=1)
 
     # ------------------------------------------------------------------------------- sizes
@@ -194,9 +203,13 @@ class GPT(nn.Module):
 
     def active_params(self) -> int:
         """Parameters used per token: experts count ``k / E`` of theirs (``k`` from each router's last
-        forward, or its configured ``k``)."""
+        forward, or its configured ``k``; an MEO layer merges its ``k`` into one FFN, whose compute is
+        one expert's)."""
         total = self.num_params()
         for block in self.blocks:
+            if isinstance(block.ffn, MEO):
+                experts = block.ffn.expert_params()
+                total -= experts - experts * block.ffn.k // block.ffn.num_experts
             if isinstance(block.ffn, MoE):
                 experts = sum(p.numel() for p in block.ffn.experts.parameters())
                 r = block.ffn.last_routing

@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 
 from moekit.apps.cli.command import POS_INT, Command
-from moekit.apps.experiments import compress, convert_gpt, convert_minilm, dselect, dsmoe, dynamic_k, mole_embeddings
+from moekit.apps.experiments import (
+    compress,
+    convert_gpt,
+    convert_minilm,
+    dselect,
+    dsmoe,
+    dynamic_k,
+    meo,
+    mole_embeddings,
+)
 from moekit.io import MANIFEST, claim_folder, record_files
 
 #: command-line name -> the experiment's module (its ``run(out, seeds, quick)``)
 EXPERIMENTS = {"dselect": dselect, "dsmoe": dsmoe, "dynamic-k": dynamic_k, "convert-gpt": convert_gpt,
-               "convert-minilm": convert_minilm, "mole-embeddings": mole_embeddings, "compress": compress}
+               "convert-minilm": convert_minilm, "mole-embeddings": mole_embeddings, "compress": compress,
+               "meo": meo}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

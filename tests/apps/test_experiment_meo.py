@@ -1,0 +1,28 @@
+"""`moekit experiment meo` (moekit/apps/experiments/meo.py) end to end in quick mode."""
+
+import json
+import math
+import statistics
+
+from moekit.apps.cli.main import main
+
+
+def test_experiment_meo_quick(tmp_path):
+    assert main(["experiment", "meo", "--quick", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["seeds"] == 1 and result["steps"] == 12
+    arms = [r["arm"] for r in result["summary"]]
+    assert len(arms) == 5 and any(a.startswith("MEO") for a in arms)
+    assert (tmp_path / "meo.png").is_file()
+    by_arm = {r["arm"]: r for r in result["runs"]}
+    for r in result["runs"]:
+        assert 1 < r["val_ppl"] < 1024  # below a uniform guess over the quick vocabulary
+        assert set(r["ppl_by_task"]) == {"en", "es", "fr"}
+        # the overall perplexity lies between the best and the worst language's
+        assert min(r["ppl_by_task"].values()) <= r["val_ppl"] * (1 + 1e-9)
+        assert r["val_ppl"] <= max(r["ppl_by_task"].values()) * (1 + 1e-9)
+    meo = next(r for a, r in by_arm.items() if a.startswith("MEO"))
+    mixed = next(r for a, r in by_arm.items() if a.startswith("task-level"))
+    assert meo["params"] == mixed["params"] and meo["ffn_width"] == 1 and mixed["ffn_width"] == 2
+    row = result["summary"][0]
+    assert math.isclose(row["val_ppl"], statistics.mean(r["val_ppl"] for r in result["runs"] if r["arm"] == row["arm"]))
