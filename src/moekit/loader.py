@@ -8,9 +8,13 @@
 - ``mole``: a GPT whose FFNs are MoLE -> the GPT serving its lookup table when one is found
   (``table=``, or ``mole_table`` inside or beside the folder), else its train form;
 - ``converted``: written by ``moekit.convert.save`` (``moekit_convert.json``), in moekit's format or
-  Hugging Face-native (Mixtral, Qwen2-/Qwen3-MoE, Llama) -> the converted model;
+  Hugging Face-native (Mixtral, Qwen2-/Qwen3-MoE, Llama) -> the converted model; a Hugging Face
+  MoE compressed by ``moekit compress`` (its ``compression`` in that record) is one too;
 - ``hf``: any other Hugging Face causal-LM folder, dense or MoE -> ``AutoModelForCausalLM``, with
-  its MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as ``moekit.MoE`` layers.
+  its MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as ``moekit.MoE`` layers, whose
+  ``save_pretrained`` then writes what this loader reads back (``moekit.convert.save``: the
+  architecture itself while every layer maps onto it, moekit's format once compression made one
+  that does not).
 
 :func:`load_tokenizer` finds the tokenizer that goes with a folder and :func:`generate` continues
 token ids with either kind of model under the same options (:class:`moekit.ops.sampling.Sampling`).
@@ -30,6 +34,7 @@ from torch import nn
 from moekit.compress.mcmoe import LAYOUT_FILE, load_compressed
 from moekit.convert import load as load_converted
 from moekit.convert import patch_hf_model
+from moekit.convert.export import bind_save_pretrained
 from moekit.convert.hf import is_supported_block
 from moekit.convert.saving import CONVERT_FILE
 from moekit.data import load_tokenizer as load_bpe
@@ -54,6 +59,7 @@ class ModelInfo:
     path: Path
     table: Path | None = None  # MoLE: the lookup table that will be served
     architecture: str | None = None  # a Hugging Face folder's (or a natively exported conversion's) class
+    compression: str | None = None  # converted: the moekit.compress method of a compressed Hugging Face MoE
 
     def describe(self) -> str:
         if self.kind == "mole":
@@ -61,7 +67,8 @@ class ModelInfo:
                     f"MoLE GPT at {self.path} in its train form (no {TABLE_NAME} found: experts computed)")
         if self.kind == "converted":
             form = f"Hugging Face-native {self.architecture}" if self.architecture else "moekit format"
-            return f"converted model ({form}) at {self.path}"
+            what = f"Hugging Face MoE compressed by {self.compression}" if self.compression else "converted model"
+            return f"{what} ({form}) at {self.path}"
         return {"gpt": "moekit GPT", "hf": f"Hugging Face {self.architecture or 'model'}"}[self.kind] + f" at {self.path}"
 
 
@@ -79,6 +86,19 @@ def _architecture(cfg: dict | None) -> str | None:
         return None
     archs = cfg.get("architectures")
     return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else str(cfg["model_type"])
+
+
+def _compression(path: Path) -> str | None:
+    """The compression a ``CONVERT_FILE`` records (its method; ``"an unrecorded method"`` for MoE layers saved
+    without one), or ``None`` for a conversion (or a record that cannot be read: loading says why)."""
+    try:
+        record = json.loads((path / CONVERT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    method = record.get("compression", {}).get("method") if isinstance(record.get("compression"), dict) else None
+    return str(method) if method else "an unrecorded method" if "moe_layers" in record else None
 
 
 def _find_table(path: Path, table: str | os.PathLike | None) -> Path | None:
@@ -102,7 +122,7 @@ def describe(path: str | os.PathLike, table: str | os.PathLike | None = None) ->
     cfg = _config(path)
     arch = _architecture(cfg)
     if (path / CONVERT_FILE).exists():
-        return ModelInfo("converted", path, architecture=arch)
+        return ModelInfo("converted", path, architecture=arch, compression=_compression(path))
     if cfg is None:
         raise ValueError(f"{path}: not a model folder (no readable config.json); give a folder written by "
                          "moekit (train, convert, save) or a Hugging Face model folder")
@@ -123,7 +143,7 @@ def _load_hf(path: Path, dtype: torch.dtype | None) -> nn.Module:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: transformers cannot load this folder as a causal LM ({first[:300]})") from None
     if any(is_supported_block(m) for m in model.modules()):
-        patch_hf_model(model)
+        bind_save_pretrained(patch_hf_model(model))
     return model.eval()
 
 

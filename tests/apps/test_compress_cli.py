@@ -1,5 +1,6 @@
-"""`moekit compress` end to end on a tiny moekit GPT and a tiny Hugging Face Mixtral: the saved
-model computes what the same compression done in Python computes; a user's mistakes are one line."""
+"""`moekit compress` end to end on a tiny moekit GPT and a tiny Hugging Face Mixtral (pruned: still a
+Mixtral; merged or quantized: moekit's format): the saved model computes what the same compression
+done in Python computes; a user's mistakes are one line."""
 
 import json
 import math
@@ -15,7 +16,9 @@ from moekit.apps.cli.main import main
 from moekit.compress import compress, dedup_bytes, mcmoe
 from moekit.data import TokenStream, by_split, load_corpus
 from moekit.layer import MoE
+from moekit.loader import describe
 from moekit.models import GPT, GPTConfig
+from moekit.offload import load_offloaded
 
 SEQ, CALIB, BS = 16, 128, 4  # 8 calibration windows of 16 tokens, in batches of 4
 
@@ -105,6 +108,7 @@ def test_a_pruned_mixtral_stays_a_mixtral_and_equals_the_compression_done_in_pyt
     assert main(_argv(root, "mixtral", tmp_path / "m", "reap", "--experts", "3")) == 0
     got = moekit.load(tmp_path / "m")
     assert got.config.num_local_experts == 3 and sum(isinstance(m, MoE) for m in got.modules()) == 2
+    assert "compressed by reap (Hugging Face-native MixtralForCausalLM)" in describe(tmp_path / "m").describe()
     want = moekit.load(root / "mixtral")
     compress(want, "reap", _calibration(root, tok), lambda m, b: m(input_ids=b), num_experts=3)
     plain = MixtralForCausalLM.from_pretrained(tmp_path / "m").eval()  # transformers alone reads it too
@@ -112,6 +116,33 @@ def test_a_pruned_mixtral_stays_a_mixtral_and_equals_the_compression_done_in_pyt
     with torch.no_grad():
         torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(plain(ids).logits, want(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,extra", [("hc-smoe", ["--experts", "3"]), ("mc-moe", ["--bits", "2.5", "--group", "16"])])
+def test_a_merged_or_quantized_mixtral_is_saved_in_moekits_format_and_generates(setup, tmp_path, capsys, method,
+                                                                                 extra):
+    root, tok = setup
+    assert main(_argv(root, "mixtral", tmp_path / "m", method, *extra)) == 0
+    assert f"Hugging Face MoE compressed by {method} (moekit format)" in capsys.readouterr().out
+    got = moekit.load(tmp_path / "m")
+    want = moekit.load(root / "mixtral")
+    if method == "mc-moe":
+        mcmoe(want, _calibration(root, tok), lambda m, b: m(input_ids=b), bits=2.5, group=16)
+    else:
+        compress(want, method, _calibration(root, tok), lambda m, b: m(input_ids=b), num_experts=3)
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-6, rtol=0)
+    with pytest.raises(Exception, match="vocab_size.*not a transformers model: .*compressed by moekit"):
+        MixtralForCausalLM.from_pretrained(tmp_path / "m")  # not a Mixtral any more: transformers refuses it
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "alpha beta", "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "alpha", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("model,method,extra,message", [
@@ -123,7 +154,6 @@ def test_a_pruned_mixtral_stays_a_mixtral_and_equals_the_compression_done_in_pyt
     ("gpt", "reap", ["--experts", "2", "--domain", "fr"], "expected FIELD=VALUE"),
     ("dense", "reap", ["--experts", "2"], "has no MoE layer to compress"),
     ("gpt", "reap", ["--experts", "2", "--out", "SAME"], "is the --model folder"),
-    ("mixtral", "hc-smoe", ["--experts", "2"], "has no transformers architecture"),
 ])
 def test_a_users_mistake_is_one_line(setup, tmp_path, capsys, model, method, extra, message):
     root, _ = setup
@@ -146,3 +176,20 @@ def test_an_unknown_method_or_a_folder_moekit_did_not_write_is_refused(setup, tm
     err = capsys.readouterr().err
     assert "not written by moekit" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_mc_moe_with_rtn_and_4_bit_attention_equals_python_and_serves_offloaded(setup, tmp_path):
+    root, tok = setup
+    argv = _argv(root, "gpt", tmp_path / "q", "mc-moe", "--bits", "2.5", "--group", "16", "--quantizer", "rtn",
+                 "--attention-bits", "4")
+    assert main(argv) == 0
+    got = moekit.load(tmp_path / "q")
+    want = GPT.load(root / "gpt")
+    method = mcmoe(want, _calibration(root, tok), bits=2.5, group=16, quantizer="rtn", attention_bits=4)
+    assert method.attention  # every attention projection packed
+    ids = torch.randint(0, want.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids), want(ids), atol=1e-6, rtol=1e-5)
+        served, _ = load_offloaded(tmp_path / "q", tmp_path / "store", budget=1.0)
+        torch.testing.assert_close(served(ids), want(ids), atol=1e-6, rtol=1e-5)
+    assert main(_argv(root, "gpt", tmp_path / "r", "reap", "--experts", "3", "--attention-bits", "4")) == 1

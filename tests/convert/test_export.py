@@ -254,3 +254,16 @@ def test_export_writes_only_where_moekit_may(tmp_path):
     save(partition(_dense("llama"), 4), tmp_path / "ours")  # moekit's format, then HF-native in its place
     export_hf(conv, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "mixtral"
+
+
+def test_a_gpt_export_carries_its_tokenizers_end_of_text_for_transformers_generate(tmp_path):
+    tok = _tokenizer(tmp_path / "tok")
+    eos = tok.token_to_id("<|endoftext|>")
+    gpt = GPT(GPTConfig(**{**GPT_SMALL, "vocab_size": tok.get_vocab_size()})).eval()
+    export_hf(gpt, tmp_path / "out", tok)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["eos_token_id"] == config["pad_token_id"] == eos
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert plain.generation_config.eos_token_id == eos  # transformers' generate stops there
+    export_hf(gpt, tmp_path / "bare")  # without a tokenizer nothing is guessed
+    assert json.loads((tmp_path / "bare" / "config.json").read_text()).get("eos_token_id") is None

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BITS", "QuantizedTensor", "dequantize", "pack_bits", "quantize", "quantized_bytes", "unpack_bits"]
+__all__ = ["BITS", "QuantizedTensor", "check_layout", "dequantize", "grid_codes", "grid_values", "group_grid",
+           "pack_bits", "quantize", "quantized_bytes", "unpack_bits"]
 
 #: the supported code widths
 BITS = (1, 2, 3, 4, 8)
@@ -49,7 +50,8 @@ class QuantizedTensor:
         return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size() + extra
 
 
-def _check(shape: tuple[int, ...], bits: int, group: int) -> None:
+def check_layout(shape: tuple[int, ...], bits: int, group: int) -> None:
+    """A ValueError unless a weight of ``shape`` can be quantized to ``bits`` with groups of ``group``."""
     if bits not in BITS:
         raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
     if not isinstance(group, int) or group < 1:
@@ -62,7 +64,7 @@ def _check(shape: tuple[int, ...], bits: int, group: int) -> None:
 def quantized_bytes(shape: tuple[int, ...], bits: int, group: int = 64) -> int:
     """Exact bytes :func:`quantize` stores for a weight of ``shape``: ``ceil(numel * bits / 8)`` for the
     codes plus 2 bytes of scale (and 2 of zero when ``bits >= 2``) per group."""
-    _check(tuple(shape), bits, group)
+    check_layout(tuple(shape), bits, group)
     n = math.prod(shape)
     return math.ceil(n * bits / 8) + (n // group) * (2 if bits == 1 else 4)
 
@@ -83,21 +85,41 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     return (stream << torch.arange(bits, device=packed.device)).sum(1)
 
 
+def group_grid(g: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
+    """The fp16 ``(scale, zero)`` of each group of ``g [..., group]`` (``zero`` is ``None`` at 1 bit): the
+    grid :func:`quantize` rounds to, shared by :func:`moekit.compress.gptq.gptq`."""
+    g = g.float()
+    if bits == 1:
+        return g.abs().mean(-1).half(), None
+    levels = (1 << bits) - 1
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / levels).clamp_min(1e-6).half()
+    return scale, lo.half()
+
+
+def grid_codes(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Tensor:
+    """The int64 codes of ``w`` on the grid ``(scale, zero)`` (broadcast against ``w``)."""
+    g = w.float()
+    if zero is None:
+        return (g >= 0).to(torch.int64)
+    levels = (1 << bits) - 1
+    return torch.round((g - zero.float()) / scale.float()).clamp(0, levels).to(torch.int64)
+
+
+def grid_values(code: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
+    """The float32 weights ``code`` stands for on the grid ``(scale, zero)`` (broadcast against ``code``)."""
+    scale = scale.float()
+    return (2 * code - 1) * scale if zero is None else zero.float() + code * scale
+
+
 @torch.no_grad()
 def quantize(w: Tensor, bits: int, group: int = 64) -> QuantizedTensor:
     """Round-to-nearest quantization of ``w [..., O, I]`` to ``bits`` with groups of ``group`` input columns."""
     shape = tuple(w.shape)
-    _check(shape, bits, group)
+    check_layout(shape, bits, group)
     g = w.detach().float().reshape(*shape[:-1], shape[-1] // group, group)
-    if bits == 1:
-        scale = g.abs().mean(-1).half()
-        code = (g >= 0).to(torch.int64)
-        return QuantizedTensor(pack_bits(code, 1), scale, None, 1, group, shape)
-    levels = (1 << bits) - 1
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / levels).clamp_min(1e-6).half()
-    zero = lo.half()
-    code = torch.round((g - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp(0, levels)
+    scale, zero = group_grid(g, bits)
+    code = grid_codes(g, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits)
     return QuantizedTensor(pack_bits(code, bits), scale, zero, bits, group, shape)
 
 
@@ -105,6 +127,5 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor
     """The float weight ``q`` stands for, of ``q.shape``."""
     n = math.prod(q.shape)
     code = unpack_bits(q.codes, q.bits, n).reshape(*q.shape[:-1], q.shape[-1] // q.group, q.group).float()
-    scale = q.scale.float().unsqueeze(-1)
-    w = (2 * code - 1) * scale if q.zero is None else q.zero.float().unsqueeze(-1) + code * scale
-    return w.reshape(q.shape).to(dtype)
+    zero = None if q.zero is None else q.zero.unsqueeze(-1)
+    return grid_values(code, q.scale.unsqueeze(-1), zero).reshape(q.shape).to(dtype)

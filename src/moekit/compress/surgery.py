@@ -5,33 +5,83 @@
 - :func:`merge_layer`: ``E'`` merged experts (``Σ c_i W_i`` per group) behind the original ``E``-row
   router (:class:`moekit.routers.GroupedTopK`).
 - :func:`sync_config`: after layers were replaced, a GPT's per-layer FFN specs (so ``GPT.save`` /
-  ``GPT.load`` round-trip) or a patched Hugging Face model's expert count (so ``unpatch_hf_model``
-  and export build blocks of the new size).
+  ``GPT.load`` round-trip) or a patched Hugging Face model's expert count (so ``save_pretrained``,
+  ``unpatch_hf_model`` and export build blocks of the new size).
+- :func:`layer_spec` / :func:`build_layer`: a (compressed) layer as JSON and back, weights apart:
+  what a Hugging Face MoE whose layers have no transformers counterpart is saved with
+  (:func:`moekit.convert.save`, moekit's format).
 - :func:`dedup_bytes`: parameter and buffer bytes, each storage counted once.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from moekit.compress.quantized import QuantizedExperts
+from moekit.experts import GroupedExperts
 from moekit.layer import MoE
 from moekit.models.config import GPTConfig
-from moekit.routers import GroupedTopK, Router, TopK
+from moekit.routers import GroupedTopK, Router, TopK, build_router
 
-__all__ = ["dedup_bytes", "merge_layer", "prune_layer", "router_args", "sync_config", "topk_router"]
+__all__ = ["build_layer", "dedup_bytes", "layer_spec", "merge_layer", "prune_layer", "router_args", "sync_config",
+           "topk_router"]
+
+
+def _shape(moe: MoE) -> dict:
+    """The ``MoE`` constructor's arguments that describe ``moe`` besides its router and expert count."""
+    ex = moe.experts
+    if isinstance(ex, QuantizedExperts):
+        bias = ex.experts[0].down_bias is not None
+    elif isinstance(ex, GroupedExperts):
+        bias = ex.down_proj_bias is not None
+    else:
+        raise ValueError(f"layer_spec: experts of type {type(ex).__name__} cannot be described (GroupedExperts or "
+                         "QuantizedExperts)")
+    return {"d_model": moe.d_model, "d_ff": moe.d_ff, "activation": ex.activation,
+            "shared_d_ff": None if moe.shared_expert is None else moe.shared_expert.down_proj.in_features,
+            "shared_gate": moe.shared_expert_gate is not None, "bias": bias, "check_finite": bool(moe.check_finite)}
+
+
+def _empty(shape: dict, num_experts: int, router: Router, backend: str | None = None) -> MoE:
+    return MoE(shape["d_model"], shape["d_ff"], num_experts, router=router, activation=shape["activation"],
+               shared_d_ff=shape["shared_d_ff"], shared_gate=shape["shared_gate"], bias=shape["bias"],
+               check_finite=shape["check_finite"], backend=backend)
+
+
+def layer_spec(moe: MoE) -> dict:
+    """``moe`` as JSON, weights apart: its widths, experts, router (registered name and arguments),
+    shared expert, and each expert's bit width and the group when its experts are quantized
+    (:class:`moekit.compress.QuantizedExperts`). :func:`build_layer` rebuilds the layer."""
+    spec = {**_shape(moe), "num_experts": moe.num_experts, "router": moe.gate.name, "router_args": router_args(moe.gate)}
+    if isinstance(moe.experts, QuantizedExperts):
+        spec["quantized"] = {"bits": list(moe.experts.bits), "group": moe.experts.group}
+    try:
+        json.dumps(spec)
+    except TypeError:
+        raise ValueError(f"layer_spec: the arguments of the {moe.gate.name!r} router are not JSON "
+                         f"({spec['router_args']!r}); such a layer cannot be saved") from None
+    return spec
+
+
+def build_layer(spec: dict) -> MoE:
+    """The layer :func:`layer_spec` described, with fresh weights (loading a state dict fills them)."""
+    moe = _empty(spec, spec["num_experts"], build_router(spec["router"], **spec["router_args"]))
+    q = spec.get("quantized")
+    if q is not None:
+        moe.experts = QuantizedExperts(spec["num_experts"], spec["d_model"], spec["d_ff"], q["bits"], q["group"],
+                                       spec["activation"], spec["bias"])
+    return moe
 
 
 def _rebuilt(moe: MoE, num_experts: int, router: Router, state: dict[str, Tensor]) -> MoE:
     """A layer like ``moe`` with ``num_experts`` experts, ``router`` and the weights ``state``."""
     with torch.device("meta"):
-        new = MoE(moe.d_model, moe.d_ff, num_experts, router=router, activation=moe.experts.activation,
-                  shared_d_ff=None if moe.shared_expert is None else moe.shared_expert.down_proj.in_features,
-                  shared_gate=moe.shared_expert_gate is not None, bias=moe.experts.down_proj_bias is not None,
-                  check_finite=moe.check_finite, backend=moe.experts.backend)
+        new = _empty(_shape(moe), num_experts, router, getattr(moe.experts, "backend", None))
     new.load_state_dict(state, strict=True, assign=True)
     if isinstance(router, GroupedTopK):
         router.group_of = torch.tensor(router.groups, dtype=torch.long, device=router.weight.device)
@@ -57,8 +107,11 @@ def _expert_keys(moe: MoE) -> list[str]:
 
 def prune_layer(moe: MoE, keep: Tensor | Sequence[int]) -> MoE:
     """A new layer with only the experts ``keep`` (in increasing id order): router rows and
-    ``[E, ...]`` expert tensors sliced, ``k = min(k, E')``, the shared expert kept. On a token whose
-    top-k lies among the kept experts the output equals ``moe``'s (with ``renormalize=True``)."""
+    ``[E, ...]`` expert tensors sliced, ``k = min(k, E')``, the shared expert (and its gate) kept.
+    On a token whose top-k lies among the kept experts the output equals ``moe``'s when the router
+    renormalises the k weights (Mixtral; ``norm_topk_prob=True``); without renormalisation
+    (Qwen-MoE's and OLMoE's default) the weights are that token's softmax over the kept experts,
+    as transformers computes them for a block of ``E'`` experts."""
     gate = topk_router(moe, "prune_layer")
     keep = torch.as_tensor(keep, dtype=torch.long).flatten().unique()
     if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= moe.num_experts:
@@ -106,10 +159,45 @@ def router_args(router: Router) -> dict:
     return {n: getattr(router, n) for n in names}
 
 
+def _experts_field(hf) -> str:
+    """The config field that holds a Hugging Face MoE's expert count: ``num_local_experts`` (Mixtral,
+    Qwen3-MoE) or ``num_experts`` (Qwen2-MoE, OLMoE), whichever name the other one aliases."""
+    field = getattr(hf, "attribute_map", {}).get("num_experts", "num_experts")
+    if field not in hf.to_dict():
+        raise ValueError(f"sync_config: {type(hf).__name__} has no {field} field to hold the expert count")
+    return field
+
+
+class _NotTransformers:
+    """``save_pretrained`` of a Hugging Face model whose MoE layers transformers cannot hold: refused."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def __call__(self, *args, **kwargs) -> None:
+        raise ValueError(f"save_pretrained: the compressed MoE layers ({self.why}) have no transformers "
+                         "architecture; save the model in moekit's format with moekit.convert.save(model, path, "
+                         "tokenizer), which moekit.load reads")
+
+
+def _why_not_transformers(layers: list[MoE]) -> str | None:
+    """What keeps patched layers from one transformers config (``None``: nothing)."""
+    if any(type(m.gate) is not TopK for m in layers):
+        return "merged: routed by " + ", ".join(sorted({type(m.gate).__name__ for m in layers} - {"TopK"}))
+    if any(not isinstance(m.experts, GroupedExperts) for m in layers):
+        return "quantized experts"
+    if len({(m.num_experts, m.gate.k) for m in layers}) > 1:
+        return f"different expert counts per layer: {[m.num_experts for m in layers]}"
+    return None
+
+
 def sync_config(model: nn.Module) -> None:
     """Make ``model``'s description match its MoE layers: a GPT's ``config.ffn`` specs (experts,
-    router, router arguments), or a patched Hugging Face model's expert count and top-k when every
-    patched layer has the same (otherwise ``unpatch_hf_model`` refuses the layers that differ)."""
+    router, router arguments), or a patched Hugging Face model's expert count (the field its
+    architecture uses, see :func:`_experts_field`) and top-k when every patched layer has the same.
+    A patched model whose layers no transformers config describes (merged, quantized, different
+    counts per layer) keeps its config, and its transformers ``save_pretrained`` is replaced by a
+    refusal that names :func:`moekit.convert.save` (a ``save_pretrained`` moekit bound is kept)."""
     cfg = getattr(model, "config", None)
     if isinstance(cfg, GPTConfig) and cfg.ffn is not None:
         for i, block in enumerate(model.blocks):
@@ -118,15 +206,16 @@ def sync_config(model: nn.Module) -> None:
                               "router_args": router_args(block.ffn.gate)}
         return
     patched = [m for m in model.modules() if isinstance(m, MoE) and hasattr(m, "hf_block_class")]
-    sizes = {(m.num_experts, getattr(m.gate, "k", None)) for m in patched}
-    if cfg is None or len(sizes) != 1:
+    if cfg is None or not patched:
         return
-    (E, k), = sizes
+    why = _why_not_transformers(patched)
+    if why is not None:
+        if "save_pretrained" not in vars(model):
+            model.save_pretrained = _NotTransformers(why)
+        return
     hf = getattr(cfg, "text_config", None) or cfg
-    for name in ("num_local_experts", "num_experts"):
-        if hasattr(hf, name):
-            setattr(hf, name, E)
-    hf.num_experts_per_tok = k
+    setattr(hf, _experts_field(hf), patched[0].num_experts)
+    hf.num_experts_per_tok = patched[0].gate.k
 
 
 def dedup_bytes(model: nn.Module) -> int:

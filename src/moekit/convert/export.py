@@ -21,6 +21,14 @@ config moves into ``moekit_convert.json`` (FORMAT 2) and ``config.json`` holds
 ``model_type: "moekit"`` and a ``vocab_size`` that is a sentence, so that transformers'
 ``from_pretrained`` (``Auto*`` and the base class alike) fails instead of building a dense model
 around weights it cannot place.
+
+**Hugging Face MoEs with moekit layers** (Mixtral, Qwen2-/Qwen3-MoE, OLMoE whose MoE blocks were
+patched into ``moekit.MoE``, perhaps compressed by :mod:`moekit.compress`): HF-native, as their own
+architecture, when every layer still has the shape of the block the config builds (pruned to the
+same ``E'`` everywhere); in moekit's format otherwise (merged behind a ``grouped`` router, quantized
+experts, different expert counts per layer), the same FORMAT 2 with ``moe_layers`` in place of the
+converted ``layers``: each patched layer's spec (:func:`moekit.compress.surgery.layer_spec`) by
+module name, rebuilt in place of the blocks of the base model.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from moekit.compress.surgery import layer_spec
 from moekit.convert.build import ConvertedFFN
 from moekit.convert.ffn import family_of
 from moekit.convert.hf import check_block
@@ -47,7 +56,7 @@ from moekit.models.gpt import MODEL_KIND
 from moekit.routers import TopK
 
 __all__ = ["Target", "TARGETS", "export_hf", "hf_native", "why_not_hf_native", "save_converted", "tokenizer_files",
-           "bind_save_pretrained", "SavePretrained", "router_training", "restore_router_training", "check_format", "CONVERT_FILE",
+           "bind_save_pretrained", "SavePretrained", "patched_layers", "router_training", "restore_router_training", "check_format", "CONVERT_FILE",
            "WEIGHTS", "FORMAT", "READS", "FORMATS"]
 
 CONVERT_FILE = "moekit_convert.json"
@@ -55,7 +64,7 @@ WEIGHTS = "model.safetensors"
 FORMAT = 2  # 2: the base config in CONVERT_FILE, config.json refuses transformers; 1: the base config.json
 READS = (1, 2)
 FORMATS = ("auto", "moekit", "hf")
-NOT_TRANSFORMERS = ("not a transformers model: a model converted by moekit, in moekit's format (moekit_convert.json); "
+NOT_TRANSFORMERS = ("not a transformers model: a model converted or compressed by moekit, in moekit's format (moekit_convert.json); "
                     "load it with moekit.convert.load")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
@@ -289,31 +298,45 @@ def _converted_plan(model: nn.Module) -> _Plan:
                  _record(model, target, model.moekit_convert))
 
 
+def patched_layers(model: nn.Module) -> dict[str, MoE]:
+    """The ``moekit.MoE`` layers of a transformers model that stand where its MoE blocks stood
+    (:func:`moekit.convert.patch_hf_model`, then perhaps compressed), by module name."""
+    if not type(model).__module__.startswith("transformers."):
+        return {}
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoE) and getattr(m, "hf_block_class", None)}
+
+
 def _loaded_plan(model: nn.Module) -> _Plan:
-    """A model :func:`moekit.convert.load` read from a Hugging Face-native folder: written as it is."""
-    target = TARGETS[model.config.model_type]
+    """A transformers model whose MoE blocks are ``moekit.MoE`` layers (loaded from a Hugging Face
+    folder, perhaps pruned): written as it is when every layer has the shape of the block its config
+    builds (same experts, top-k, renormalisation, shared expert; plain weights)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    target = TARGETS.get(model.config.model_type)
+    if target is None or target.cls != type(model).__name__:
+        target = Target(type(model).__name__, type(model.config).__name__, ())
     for name, m in model.named_modules():
         if isinstance(m, MoE):
             if getattr(m, "hf_block_class", None) is None:
                 raise _NotNative(f"{name} is a moekit MoE that no {target.cls} block was patched into")
             with torch.device("meta"):
-                like = m.hf_block_class(model.config)
+                like = m.hf_block_class(cfg)
             try:
                 check_block(m, like, name)
             except ValueError as e:
                 raise _NotNative(str(e)) from None
-    return _Plan(target, model.config, model.state_dict, _record(model, target, model.moekit_convert))
+    return _Plan(target, model.config, model.state_dict, _record(model, target, getattr(model, "moekit_convert", None) or {}))
 
 
 def _plan(model: nn.Module) -> _Plan:
     if isinstance(model, GPT):
         return _gpt_plan(model)
-    if getattr(model, "moekit_convert", None) is None:
+    converted = getattr(model, "moekit_convert", None) is not None
+    if not converted and not patched_layers(model):
         raise _NotNative(f"{type(model).__name__} was not converted by moekit.convert")
-    if any(isinstance(m, ConvertedFFN) for m in model.modules()):
+    if converted and any(isinstance(m, ConvertedFFN) for m in model.modules()):
         return _converted_plan(model)
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt in TARGETS and type(model).__name__ == TARGETS[mt].cls:
+    if patched_layers(model) or mt in TARGETS and type(model).__name__ == TARGETS[mt].cls:
         return _loaded_plan(model)
     raise _NotNative(f"{type(model).__name__} has no converted layer")
 
@@ -486,11 +509,25 @@ def why_not_hf_native(model: nn.Module) -> str | None:
     return None
 
 
+def _set_eos(plan: _Plan, files: dict[str, bytes]) -> None:
+    """A moekit GPT's export carries its tokenizer's end-of-text id (``eos_token_id``, also the pad
+    id), so transformers' ``generate`` stops where ``moekit.generate`` does."""
+    if plan.record.get("family") != "moekit-gpt" or "tokenizer.json" not in files or \
+            getattr(plan.config, "eos_token_id", None) is not None:
+        return
+    from tokenizers import Tokenizer
+
+    eos = Tokenizer.from_str(files["tokenizer.json"].decode()).token_to_id(EOS)
+    if eos is not None:
+        plan.config.eos_token_id = plan.config.pad_token_id = eos
+
+
 def _write_native(plan: _Plan, path: Path, tokenizer) -> Path:
     from safetensors.torch import save_file
 
     files = tokenizer_files(tokenizer)  # before the folder is opened: a bad tokenizer leaves nothing behind
     tensors = _checked_tensors(plan)
+    _set_eos(plan, files)
     with write_folder(path, MODEL_KIND, "model folder") as w:
         w.write(WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         w.write_text("config.json", plan.config.to_json_string())
@@ -511,13 +548,29 @@ def export_hf(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path
     return _write_native(plan, Path(path), tokenizer)
 
 
+def _moekit_record(model: nn.Module) -> dict:
+    """``CONVERT_FILE`` of a moekit-format folder: the base class and config, the record, and how to
+    rebuild what replaced the base model's FFNs (converted layers: ``layers`` of the record; a
+    Hugging Face MoE's patched layers: ``moe_layers``, each layer's spec by module name)."""
+    base = {"format": FORMAT, "class": type(model).__name__, "config": _hf_base(model)}
+    if any(isinstance(m, ConvertedFFN) for m in model.modules()):
+        return {**base, **model.moekit_convert}
+    layers = patched_layers(model)
+    if not layers:
+        raise ValueError(f"moekit.convert.save: this {type(model).__name__} came from a Hugging Face-native folder; "
+                         "save it with format='auto' or 'hf'")
+    stray = [n for n, m in model.named_modules() if isinstance(m, MoE) and n not in layers]
+    if stray:
+        raise ValueError(f"moekit.convert.save: the MoE layers {stray} stand where no transformers MoE block was "
+                         "(moekit's format rebuilds the layers in place of the blocks)")
+    return {**base, **(getattr(model, "moekit_convert", None) or {}),
+            "moe_layers": {n: layer_spec(m) for n, m in layers.items()}}
+
+
 def _write_moekit(model: nn.Module, path: Path, tokenizer) -> Path:
     from safetensors.torch import save_model
 
-    if not any(isinstance(m, ConvertedFFN) for m in model.modules()):
-        raise ValueError(f"moekit.convert.save: this {type(model).__name__} came from a Hugging Face-native folder; "
-                         "save it with format='auto' or 'hf'")
-    meta = {"format": FORMAT, "class": type(model).__name__, "config": _hf_base(model), **model.moekit_convert}
+    meta = _moekit_record(model)
     stub = {"model_type": "moekit", "vocab_size": NOT_TRANSFORMERS, "moekit_format": FORMAT}
     files = tokenizer_files(tokenizer)
     with write_folder(path, MODEL_KIND, "model folder") as w:
@@ -535,12 +588,14 @@ def check_format(format: str) -> None:
 
 
 def save_converted(model: nn.Module, path: str | os.PathLike, tokenizer=None, format: str = "auto") -> Path:
-    """Write a Hugging Face model converted by moekit: HF-native (:func:`export_hf`) when ``format`` is
-    ``"hf"``, or ``"auto"`` and every layer maps exactly; moekit's format otherwise (``"moekit"``)."""
+    """Write a Hugging Face model converted by moekit, or one whose MoE blocks are ``moekit.MoE``
+    layers (:func:`moekit.convert.patch_hf_model`, ``moekit.load``; pruned, merged or quantized by
+    :mod:`moekit.compress`): HF-native (:func:`export_hf`) when ``format`` is ``"hf"``, or ``"auto"``
+    and every layer maps exactly; moekit's format otherwise (``"moekit"``)."""
     check_format(format)
-    if getattr(model, "moekit_convert", None) is None:
-        raise ValueError("moekit.convert.save: the model was not converted by moekit.convert "
-                         "(use model.save_pretrained for plain transformers models)")
+    if getattr(model, "moekit_convert", None) is None and not patched_layers(model):
+        raise ValueError("moekit.convert.save: the model was not converted by moekit.convert and has no moekit MoE "
+                         "layer (use model.save_pretrained for plain transformers models)")
     if format != "moekit":
         try:
             return _write_native(_plan(model), Path(path), tokenizer)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moekit.experts import GroupedExperts
 from moekit.layer import MoE
 from moekit.routers import TopK
 
@@ -129,6 +130,9 @@ def check_block(moe: MoE, like: nn.Module, who: str = "to_hf") -> None:
     spec = _spec(like, who)
     if not isinstance(moe, MoE):
         raise TypeError(f"{who}: expected a moekit.MoE, got {type(moe).__name__}")
+    if not isinstance(moe.experts, GroupedExperts):
+        raise ValueError(f"{who}: transformers blocks hold their experts' weights as plain tensors; this layer's "
+                         f"experts are {type(moe.experts).__name__}")
     want = _describe(like)
     router = moe.gate
     have = {

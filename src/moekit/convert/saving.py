@@ -3,10 +3,12 @@
 ``save`` writes moekit's GPT with ``GPT.save`` (the conversion is in its config; ``format="hf"``
 exports it as Llama / Mixtral instead) and a converted Hugging Face model HF-native when every
 layer maps exactly onto a transformers architecture (Mixtral, Qwen2-MoE, Qwen3-MoE), in moekit's
-format otherwise (see :mod:`moekit.convert.export`). ``load`` reads all of them: a GPT folder; a
-moekit-format folder (FORMAT 2: the base config in ``moekit_convert.json``; FORMAT 1, written by
-earlier versions: the base ``config.json``), by building the base architecture from its config
-(no weights), putting the same converted modules in place and loading the weights strictly; and
+format otherwise (see :mod:`moekit.convert.export`); a Hugging Face MoE whose MoE blocks are
+``moekit.MoE`` layers (pruned, merged, quantized) the same way. ``load`` reads all of them: a GPT
+folder; a moekit-format folder (FORMAT 2: the base config in ``moekit_convert.json``; FORMAT 1,
+written by earlier versions: the base ``config.json``), by building the base architecture from its
+config (no weights), putting the same converted modules (or the MoE layers of ``moe_layers``, in
+place of the MoE blocks) in place and loading the weights strictly; and
 a Hugging Face-native folder moekit wrote, by building it with transformers and patching its MoE
 blocks into ``moekit.MoE`` layers. Every folder is checked against its checksums first, and the
 model returned by ``load`` (like the one a conversion returns) saves with ``save_pretrained`` too.
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.compress.surgery import build_layer
 from moekit.convert.build import ConvertedFFN, RoutingContext
 from moekit.convert.export import (
     CONVERT_FILE,
@@ -43,7 +46,7 @@ from moekit.models.gpt import MODEL_FIX, read_config, verify_model
 
 __all__ = ["save", "load", "CONVERT_FILE", "FORMAT"]
 
-_RECORD_ONLY = ("format", "class", "native", "config", "router_training")  # CONVERT_FILE entries not in moekit_convert
+_RECORD_ONLY = ("format", "class", "native", "config", "router_training", "moe_layers")  # CONVERT_FILE entries not in moekit_convert
 
 
 def _gpt_files(tokenizer) -> dict[str, bytes]:
@@ -57,7 +60,8 @@ def _gpt_files(tokenizer) -> dict[str, bytes]:
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, format: str = "auto") -> Path:
     """Write a converted model (from ``partition``, ``refactor``, ``upcycle`` or ``prune``, or one
-    :func:`load` returned) to ``path`` with the files of ``tokenizer`` (a folder, a
+    :func:`load` returned), or a Hugging Face MoE with ``moekit.MoE`` layers (``moekit.load``,
+    :func:`patch_hf_model`; compressed or not), to ``path`` with the files of ``tokenizer`` (a folder, a
     ``tokenizer.json``, a ``tokenizers.Tokenizer`` or a transformers tokenizer). ``format``:
     ``"auto"`` (a Hugging Face model HF-native when every layer maps, else moekit's format; a GPT
     with ``GPT.save``), ``"hf"`` (HF-native or a ValueError naming what does not map) or
@@ -117,12 +121,8 @@ def _base_config(path: Path, meta: dict, cls: type, meta_file: Path):
         raise ValueError(f"{meta_file}: the base model config does not fit {cls.__name__} ({e})") from None
 
 
-def _load_moekit(path: Path, meta: dict, meta_file: Path, dtype: torch.dtype | None) -> nn.Module:
-    """A moekit-format folder: the base architecture, its converted layers in place, the weights loaded strictly."""
-    from safetensors.torch import load_model
-
-    cls = _model_class(meta, "class", meta_file)
-    model = cls(_base_config(path, meta, cls, meta_file))
+def _install_converted(model: nn.Module, meta: dict, meta_file: Path) -> None:
+    """Put the converted layers the record's ``layers`` describe in place of the base model's FFNs."""
     sites = find_ffns(model)
     if family_of(model).name != meta.get("family") or len(sites) != len(meta.get("layers", [])):
         raise ValueError(f"{meta_file}: the saved conversion ({meta.get('family')}, {len(meta.get('layers', []))} "
@@ -133,6 +133,37 @@ def _load_moekit(path: Path, meta: dict, meta_file: Path, dtype: torch.dtype | N
     for site, spec in zip(sites, meta["layers"]):
         site.install(_layer(method, spec, site.read().d_model, context))
     method.restore(model, meta, context)
+
+
+def _install_moe_layers(model: nn.Module, meta: dict, meta_file: Path) -> None:
+    """Put the layers the record's ``moe_layers`` describe in place of the base model's MoE blocks."""
+    specs = meta["moe_layers"]
+    blocks = [n for n, m in model.named_modules() if is_supported_block(m)]
+    if not isinstance(specs, dict) or sorted(specs) != sorted(blocks):
+        names = sorted(specs) if isinstance(specs, dict) else specs
+        raise ValueError(f"{meta_file}: the saved MoE layers {names} do not match the MoE blocks of the model built "
+                         f"from its config ({blocks}); {MODEL_FIX}")
+    for name in blocks:
+        block = model.get_submodule(name)
+        try:
+            layer = build_layer(specs[name])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{meta_file}: the spec of layer {name} does not build a layer ({e}); {MODEL_FIX}") from None
+        layer.hf_block_class = type(block)
+        model.set_submodule(name, layer)
+
+
+def _load_moekit(path: Path, meta: dict, meta_file: Path, dtype: torch.dtype | None) -> nn.Module:
+    """A moekit-format folder: the base architecture, its converted (or compressed MoE) layers in
+    place, the weights loaded strictly."""
+    from safetensors.torch import load_model
+
+    cls = _model_class(meta, "class", meta_file)
+    model = cls(_base_config(path, meta, cls, meta_file))
+    if "moe_layers" in meta:
+        _install_moe_layers(model, meta, meta_file)
+    else:
+        _install_converted(model, meta, meta_file)
     if dtype is not None:  # after the converted modules are in place, so that they are cast too
         model = model.to(dtype)
     weights = path / WEIGHTS

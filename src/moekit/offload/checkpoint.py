@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from moekit.compress.mcmoe import LAYOUT_FILE, load_compressed
+from moekit.compress.mcmoe import LAYOUT_FILE, load_compressed, restore_attention
 from moekit.io import check_target, kind_of, read_json, verify
 from moekit.layer import MoE
 from moekit.models.gpt import GPT, WEIGHTS_FILE
@@ -62,6 +62,7 @@ def _layer_specs(model: GPT, path: Path) -> list[LayerSpec]:
     """The shapes of ``model``'s experts (still on the meta device), with each expert's width where
     the checkpoint is MC-MoE's (``mcmoe.json``), whose ODP routers are put in place here."""
     layout = read_json(path / LAYOUT_FILE) if (path / LAYOUT_FILE).exists() else {}
+    restore_attention(model, layout)  # packed attention projections, held in RAM like the rest of the model
     specs = []
     for name, moe in model.named_modules():
         if not isinstance(moe, MoE):

@@ -1,12 +1,14 @@
 """`moekit compress`: shrink the experts of a trained MoE (a moekit GPT or a Hugging Face MoE) by
-pruning, merging or mixed-precision quantization, from calibration text, and save the result."""
+pruning, merging or mixed-precision quantization, from calibration text, and save the result: a
+GPT as a GPT folder; a Hugging Face MoE as its own architecture while it still is one (pruned to
+the same number of experts in every layer), in moekit's format otherwise (``moekit.convert.save``);
+``moekit.load`` reads every one of them."""
 
 from __future__ import annotations
 
 import argparse
 import inspect
 import math
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,9 +20,6 @@ from torch import Tensor, nn
 from moekit._checks import arg_number
 from moekit.apps.cli.command import NONNEG_INT, POS_INT, Command
 from moekit.compress import (
-    EasyEP,
-    Naee,
-    ScorePruning,
     available_compressions,
     compress,
     dedup_bytes,
@@ -29,16 +28,15 @@ from moekit.compress import (
     save_compressed,
 )
 from moekit.compress.hcsmoe import LINKAGES
-from moekit.compress.mcmoe import ALLOCATIONS
+from moekit.compress.mcmoe import ALLOCATIONS, QUANTIZERS
 from moekit.compress.method import METHODS
-from moekit.convert.export import tokenizer_files
+from moekit.convert import save as save_converted
 from moekit.data import TokenStream, by_split, load_corpus, load_tokenizer
-from moekit.io import check_target, write_folder
+from moekit.io import check_target
 from moekit.layer import MoE
 from moekit.loader import describe, load
 from moekit.models import GPT
 from moekit.models.gpt import MODEL_KIND
-from moekit.routers import TopK
 
 __all__ = ["add_arguments", "compress_from_args", "COMMAND"]
 
@@ -63,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default=None,
                    help="mc-moe: how the bits are shared among the experts (default pmq)")
     p.add_argument("--group", type=POS_INT, default=None, help="mc-moe: weights per quantization group (default 64)")
+    p.add_argument("--quantizer", choices=list(QUANTIZERS), default=None,
+                   help="mc-moe: gptq (default; error feedback from calibration inputs) or rtn (round to nearest)")
+    p.add_argument("--attention-bits", type=int, choices=[4, 8], default=None,
+                   help="mc-moe: also pack a moekit GPT's attention projections at this width (paper: 4)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json of the text (default: in --model or beside it)")
     p.add_argument("--data", default="wiki", help="calibration and validation text: 'wiki' (bundled corpus), a file, "
                                                   "a folder, or JSONL")
@@ -91,7 +93,10 @@ def _settings(args: argparse.Namespace) -> dict:
         if args.experts is None:
             raise ValueError(f"--experts: {args.method} needs the number of experts to keep per layer, e.g. --experts 4")
         given = {"num_experts": args.experts}
-    flags = {"scope": args.scope, "linkage": args.linkage, "allocation": args.allocation, "group": args.group}
+    if args.attention_bits is not None and args.method != QUANTIZING:
+        raise ValueError(f"--attention-bits: only mc-moe quantizes; {args.method} keeps attention as it is")
+    flags = {"scope": args.scope, "linkage": args.linkage, "allocation": args.allocation, "group": args.group,
+             "quantizer": args.quantizer}
     for name, value in flags.items():
         if value is not None:
             if name not in params:
@@ -122,18 +127,6 @@ def _check_experts(args: argparse.Namespace, moes: dict[str, MoE]) -> None:
     if args.experts >= most:
         raise ValueError(f"--experts {args.experts}: the model has at most {most} experts per layer, so nothing would "
                          f"be removed; use --experts < {most}")
-
-
-def _pruning(method: str) -> bool:
-    return issubclass(METHODS.get(method), (ScorePruning, Naee, EasyEP))
-
-
-def _check_savable(args: argparse.Namespace, kind: str) -> None:
-    """A Hugging Face model is saved as its own architecture: only pruning keeps it one."""
-    if kind == "hf" and not _pruning(args.method):
-        raise ValueError(f"--method {args.method}: a Hugging Face model compressed by {args.method} has no transformers "
-                         "architecture to be saved as (only pruning keeps it a Mixtral/Qwen-MoE); prune it, or "
-                         "compress a moekit GPT")
 
 
 def _tokenizer_path(args: argparse.Namespace, model_path: Path) -> Path:
@@ -201,40 +194,28 @@ def _compress(args: argparse.Namespace, model: nn.Module, batches: list[Tensor],
     """Compress in place with a progress bar over the calibration batches; returns what mc-moe allocated."""
     with Progress(TextColumn("[bold]calibration"), BarColumn(), MofNCompleteColumn(),
                   disable=args.no_progress) as bar:
-        task = bar.add_task("calibration", total=len(batches))
+        twice = args.method == QUANTIZING and args.attention_bits is not None and settings.get("quantizer") != "rtn"
+        task = bar.add_task("calibration", total=len(batches) * (2 if twice else 1))  # GPTQ attention: a 2nd pass
 
         def run(m: nn.Module, b: Tensor) -> Tensor:
             bar.advance(task)
             return _run(m, b)
 
         if args.method == QUANTIZING:
-            return {"bits": mcmoe(model, batches, run, **settings).allocations}
+            method = mcmoe(model, batches, run, attention_bits=args.attention_bits, **settings)
+            return {"bits": method.allocations, **({"attention": method.attention} if args.attention_bits else {})}
         compress(model, args.method, batches, run, **settings)
     return {}
 
 
-def save_hf(model: nn.Module, out: str, tokenizer: dict[str, bytes]) -> Path:
-    """A pruned Hugging Face model saved as its own architecture (``save_pretrained``) in a moekit
-    model folder (checksummed, written whole), with its tokenizer files."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        with write_folder(out, MODEL_KIND, "--out") as w:
-            for f in sorted(Path(tmp).iterdir()):
-                w.write_bytes(f.name, f.read_bytes())
-            for name, data in tokenizer.items():
-                w.write_bytes(name, data)
-    return Path(out)
-
-
-def _save(args: argparse.Namespace, model: nn.Module, tok_path: Path) -> Path:
+def _save(args: argparse.Namespace, model: nn.Module, settings: dict, tok_path: Path) -> Path:
     if isinstance(model, GPT):
         files = {"tokenizer.json": tok_path.read_bytes()}
         return save_compressed(model, args.out, files) if args.method == QUANTIZING else model.save(args.out, files)
-    if any(isinstance(m, MoE) and type(m.gate) is not TopK for m in model.modules()):
-        raise ValueError(f"--method {args.method}: the compressed layers have no transformers counterpart")
     model_path = Path(args.model)
     own = (model_path / "tokenizer_config.json").is_file() and not args.tokenizer
-    return save_hf(model, args.out, tokenizer_files(model_path if own else tok_path))
+    model.moekit_convert = {"compression": {"method": args.method, "settings": settings}}
+    return save_converted(model, args.out, model_path if own else tok_path)
 
 
 def compress_from_args(args: argparse.Namespace) -> dict:
@@ -245,7 +226,6 @@ def compress_from_args(args: argparse.Namespace) -> dict:
     info = describe(args.model)
     if info.kind not in ("gpt", "hf"):
         raise ValueError(f"--model {args.model}: a {info.describe()}; compress takes a moekit GPT or a Hugging Face MoE")
-    _check_savable(args, info.kind)
     torch.manual_seed(args.seed)
     model = load(args.model)
     moes = _moe_layers(model, args.model)
@@ -261,7 +241,7 @@ def compress_from_args(args: argparse.Namespace) -> dict:
     after = {"bytes": dedup_bytes(model), "experts": [m.num_experts for m in moes.values()], **extra}
     if text.validation is not None:
         after["val_ppl"] = perplexity(model, *text.validation, args.batch_size)
-    out = _save(args, model, tok_path)
+    out = _save(args, model, settings, tok_path)
     summary = {"method": args.method, "settings": settings, "before": before, "after": after, "out": str(out),
                "calibration_windows": sum(b.shape[0] for b in text.calibration), "seq_len": seq_len}
     _print_summary(Console(), summary)
@@ -278,8 +258,7 @@ def _print_summary(console: Console, s: dict) -> None:
         console.print("bits per expert: " + "; ".join(f"{n}: {w}" for n, w in a["bits"].items()))
     if "val_ppl" in b:
         console.print(f"validation perplexity: {b['val_ppl']:.3f} -> {a['val_ppl']:.3f}")
-    console.print(f"saved to {s['out']} (load with moekit.load"
-                  f"{'; mc-moe: moekit.compress.load_compressed' if 'bits' in a else ''})")
+    console.print(f"saved: {describe(s['out']).describe()} (load with moekit.load)")
 
 
 COMMAND = Command(
@@ -287,6 +266,7 @@ COMMAND = Command(
     description="Compress every MoE layer of a moekit GPT or a Hugging Face MoE with a registered method "
     "(moekit.compress), from calibration windows of --data (optionally one --domain), report the bytes, "
     "the experts per layer and the validation perplexity before and after, and save the result to --out "
-    "(a moekit GPT folder; a pruned Hugging Face model stays its own architecture).",
+    "(a moekit GPT folder; a Hugging Face MoE pruned alike in every layer stays its own architecture, one merged, "
+    "quantized or pruned unevenly is saved in moekit's format). moekit.load and `moekit generate` read them all.",
     add_arguments=add_arguments, run=compress_from_args,
 )
