@@ -13,6 +13,8 @@ from moekit.compress import (
     compress,
     register_compression,
 )
+from moekit.compress.surgery import prune_layer
+from moekit.models import GPT, GPTConfig
 from tests.compress.fixed import Fixed
 
 
@@ -35,3 +37,12 @@ def test_a_registered_method_is_applied_to_every_moe_layer():
         register_compression("test-replace-unused")(type("Other", (CompressionMethod,), {}))
     with pytest.raises(NotImplementedError, match="compress_layer"):
         CompressionMethod().compress_layer(model, ExpertStats.empty(3))
+
+
+def test_zero_computation_experts_are_refused_not_dropped():
+    cfg = GPTConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=16, max_seq_len=16)
+    model = GPT(cfg.with_moe(4, 2, zero_experts=1, copy_experts=1))
+    with pytest.raises(ValueError, match="zero-computation experts"):
+        compress(model, "prune-count", [torch.randint(0, 32, (2, 8))], num_experts=2)
+    with pytest.raises(ValueError, match="zero-computation experts"):
+        prune_layer(model.blocks[0].ffn, [0, 1])

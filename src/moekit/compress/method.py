@@ -90,6 +90,10 @@ def compress(model: nn.Module, method: CompressionMethod | str, batches: Iterabl
         method = build_compression(method, **settings)
     elif settings:
         raise ValueError(f"compress: settings {sorted(settings)} given with a method instance")
+    zc = [n for n, m in model.named_modules() if isinstance(m, MoE) and m.num_zc_experts]
+    if zc:
+        raise ValueError(f"compress: the layers {zc} have zero-computation experts (MoE++), which moekit.compress "
+                         "does not handle; compress a model whose MoE layers have FFN experts only")
     batches = list(batches)  # read twice by methods that calibrate
     method.calibrate(model, batches, run)
     stats = gather_stats(model, batches, run, keep_inputs=method.keep_inputs)

@@ -93,6 +93,9 @@ def _rebuilt(moe: MoE, num_experts: int, router: Router, state: dict[str, Tensor
 
 def topk_router(moe: MoE, who: str) -> TopK:
     """``moe``'s router when it is a plain TopK (no capacity), else a ValueError naming ``who``."""
+    if moe.num_zc_experts:
+        raise ValueError(f"{who}: the layer has {moe.num_zc_experts} zero-computation experts (MoE++), which "
+                         "compression does not handle")
     if type(moe.gate) is not TopK:
         raise ValueError(f"{who}: the layer's router must be moekit's TopK, got {type(moe.gate).__name__}; "
                          "compress a top-k MoE (a merged layer cannot be pruned or merged again)")

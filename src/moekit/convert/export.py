@@ -149,6 +149,8 @@ def _layer(module: nn.Module, i: int) -> nn.Module:
         return module
     if not isinstance(module, MoE):
         raise _NotNative(f"layer {i} is a {type(module).__name__}")
+    if module.num_zc_experts:
+        raise _NotNative(f"layer {i} has zero-computation experts (MoE++)")
     return module
 
 

@@ -133,6 +133,8 @@ def check_block(moe: MoE, like: nn.Module, who: str = "to_hf") -> None:
     if not isinstance(moe.experts, GroupedExperts):
         raise ValueError(f"{who}: transformers blocks hold their experts' weights as plain tensors; this layer's "
                          f"experts are {type(moe.experts).__name__}")
+    if moe.num_zc_experts:
+        raise ValueError(f"{who}: the layer has zero-computation experts (MoE++), which no transformers block holds")
     want = _describe(like)
     router = moe.gate
     have = {

@@ -18,7 +18,8 @@ class GPTConfig:
     d_ff: int = 1024  # hidden width of the dense FFN
     #: per-layer FFN specs (``None``: every layer dense). A spec is ``{"kind": "dense"}`` or
     #: ``{"kind": "moe", "num_experts": 8, "d_ff": 512, "router": "topk", "router_args": {"k": 2},
-    #: "shared_d_ff": None}``; any registered router name works.
+    #: "shared_d_ff": None}``; any registered router name works. MoE++ (router ``"moepp"``) adds
+    #: ``"zero_experts"``, ``"copy_experts"``, ``"constant_experts"`` (counts, default 0).
     ffn: list[dict] | None = None
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -46,7 +47,10 @@ class GPTConfig:
     def with_moe(self, num_experts: int = 8, k: int = 2, router: str = "topk", router_args: dict | None = None,
                  d_ff: int | None = None, every: int = 1, **moe_args) -> GPTConfig:
         """The same model with MoE FFNs in every ``every``-th layer; by default each expert is
-        ``d_ff // k`` wide so that the active parameters equal the dense model's."""
+        ``d_ff // k`` wide so that the active parameters equal the dense model's. ``moe_args`` go into
+        each MoE layer's spec: ``shared_d_ff``, MoE++'s ``zero_experts``, ``copy_experts``,
+        ``constant_experts`` (e.g. ``with_moe(8, router="moepp", zero_experts=1, copy_experts=1,
+        constant_experts=2)``)."""
         args = {"k": k} if router_args is None else dict(router_args)
         spec = {"kind": "moe", "num_experts": num_experts, "d_ff": d_ff or self.d_ff // k, "router": router,
                 "router_args": args, **moe_args}

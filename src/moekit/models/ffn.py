@@ -5,7 +5,8 @@ model's :class:`~moekit.models.config.GPTConfig` (width, dense ``d_ff``, ``norm_
 layer's dict from ``GPTConfig.ffn`` (``{"kind": name, ...}``). The module maps ``[B, T, D] ->
 [B, T, D]``; if it needs more than the hidden states it says so with a ``context_keys`` tuple
 (``token_ids``, ``embeddings``, ``importance``, ``expert_ids``), or its router does. Built in:
-``dense`` (SwiGLU FFN), ``moe`` (any registered router), ``pregated`` (Read-ME: an MoE whose
+``dense`` (SwiGLU FFN), ``moe`` (any registered router; MoE++'s ``zero_experts``, ``copy_experts``,
+``constant_experts`` counts), ``pregated`` (Read-ME: an MoE whose
 router reads the PreGate's choice) here, and ``mole`` in :mod:`moekit.models.mole`.
 """
 
@@ -50,7 +51,8 @@ def moe(cfg: GPTConfig, spec: dict) -> nn.Module:
     router = build_router(spec.get("router", "topk"), **spec.get("router_args", {}))
     return MoE(cfg.d_model, spec.get("d_ff", cfg.d_ff), spec.get("num_experts", 8), router=router,
                activation=spec.get("activation", "swiglu"), shared_d_ff=spec.get("shared_d_ff"),
-               check_finite=spec.get("check_finite", False))
+               check_finite=spec.get("check_finite", False), zero_experts=spec.get("zero_experts", 0),
+               copy_experts=spec.get("copy_experts", 0), constant_experts=spec.get("constant_experts", 0))
 
 
 @register_ffn("pregated")

@@ -6,7 +6,9 @@ importance for routers that ask for it (``context_keys`` containing ``"importanc
 layers leave the SDPA path. In a causal LM the attention a token receives from later tokens is
 not known when the token is computed (using it would leak the future into the routing), so the
 importance is the attention the token received from the queries that exist so far — itself — as
-a multiple of uniform attention: ``(t + 1) * mean_heads P[t, t]``.
+a multiple of uniform attention: ``(t + 1) * mean_heads P[t, t]``. A router that asks for
+``"gate_residual"`` (MoE++'s gating residual) gets the post-residual router logits of the previous MoE
+layer of the same forward (none in the first MoE layer), in training, prefill and cached decoding alike.
 
 Shape legend: ``B`` batch, ``T`` time, ``D`` model width, ``H`` heads, ``K`` head width, ``V`` vocab.
 """
@@ -83,7 +85,8 @@ class Block(nn.Module):
         return tuple(getattr(self.ffn, "context_keys", gate.context_keys if isinstance(gate, Router) else ()))
 
     def forward(self, x: Tensor, rope: Rotary, token_ids: Tensor, embeddings: Tensor,
-                cache: dict | None = None, expert_ids: Tensor | None = None, task_ids: Tensor | None = None) -> Tensor:
+                cache: dict | None = None, expert_ids: Tensor | None = None, task_ids: Tensor | None = None,
+                gate_residual: Tensor | None = None) -> Tensor:
         keys = self.context_keys
         a, importance = self.attn(self.attn_norm(x), rope, cache, want_importance="importance" in keys)
         x = x + a
@@ -108,9 +111,11 @@ class Block(nn.Module):
                     raise ValueError("this layer gates on the task (MEO): pass task_ids, one id per sequence, to "
                                      "GPT.forward/loss/generate")
                 context[k] = task_ids
+            elif k == "gate_residual":
+                context[k] = gate_residual
             else:
                 raise ValueError(f"GPT cannot provide the context {k!r}; it provides token_ids, embeddings, "
-                                 "importance, expert_ids, task_ids")
+                                 "importance, expert_ids, task_ids, gate_residual")
         return x + self.ffn(h, **context)
 
 
@@ -135,7 +140,7 @@ class GPT(nn.Module):
         PreGate) keep their own init."""
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
         in_router = {id(p) for m in self.modules() if isinstance(m, Router) for p in m.parameters()}
-        in_router |= {id(p) for m in self.modules() if isinstance(m, MEO) for p in m.own_init_parameters()}
+        in_router |= {id(p) for m in self.modules() if isinstance(m, (MEO, MoE)) for p in m.own_init_parameters()}
         if self.pregate is not None:
             in_router |= {id(p) for p in self.pregate.parameters()}
         for name, p in self.named_parameters():
@@ -158,8 +163,13 @@ class GPT(nn.Module):
         expert_ids = None
         if self.pregate is not None:  # Read-ME: every layer's expert is decided before the backbone runs
             expert_ids = self.pregate.route(ids_BT, None if caches is None else caches[0].setdefault("pregate", {}))
+        gate_residual = None
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope, ids_BT, emb, None if caches is None else caches[i], expert_ids, task_ids)
+            x = block(x, self.rope, ids_BT, emb, None if caches is None else caches[i], expert_ids, task_ids,
+                      gate_residual)
+            r = block.ffn.last_routing if isinstance(block.ffn, MoE) else None
+            if r is not None and r.logits is not None:  # the next MoE++ layer's gating residual
+                gate_residual = r.logits
         return self.head(self.norm(x))
 
     def loss(self, ids_BT: Tensor, targets_BT: Tensor, task_ids: Tensor | None = None) -> Tensor:
@@ -202,9 +212,10 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def active_params(self) -> int:
-        """Parameters used per token: experts count ``k / E`` of theirs (``k`` from each router's last
-        forward, or its configured ``k``; an MEO layer merges its ``k`` into one FFN, whose compute is
-        one expert's)."""
+        """Parameters used per token: experts count ``k / E`` of theirs (``k`` the mean FFN experts per
+        token of each router's last forward, or its configured ``k``; a layer's zero-computation
+        experts are not FFN experts and do not count in ``k``; an MEO layer merges its ``k`` into one
+        FFN, whose compute is one expert's)."""
         total = self.num_params()
         for block in self.blocks:
             if isinstance(block.ffn, MEO):

@@ -5,6 +5,7 @@ from moekit.routers.dselect import DSelectK
 from moekit.routers.dynamic_k import DynamicK
 from moekit.routers.expert_choice import ExpertChoice
 from moekit.routers.grouped import GroupedTopK
+from moekit.routers.moepp import MoEPP
 from moekit.routers.odp import ODP
 from moekit.routers.pregate import PreGated
 from moekit.routers.sigmoid_ste import SigmoidSTE
@@ -24,6 +25,7 @@ __all__ = [
     "PreGated",
     "GroupedTopK",
     "ODP",
+    "MoEPP",
     "available_routers",
     "build_router",
     "register_router",
