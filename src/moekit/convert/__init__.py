@@ -13,7 +13,9 @@ moekit's GPT as Llama / Mixtral too) when every layer maps exactly (``hf_native`
 same.
 
 Hugging Face sparse-MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): ``from_hf`` / ``to_hf`` /
-``patch_hf_model`` / ``unpatch_hf_model``. transformers is imported only by the caller's objects.
+``patch_hf_model`` / ``unpatch_hf_model``. ``attach_importance`` gives a converted BERT's dynamic-K
+(DA-MoE) layers the importance of their attention ("received" or "paid"). transformers is imported
+only by the caller's objects.
 """
 
 from moekit.convert.build import ConvertedFFN, RoutingContext, bias_flags
@@ -29,6 +31,13 @@ from moekit.convert.ffn import DenseFFN, Family, FFNSite, find_ffns, register_fa
 from moekit.convert.fit import fit_routers
 from moekit.convert.groups import cluster_groups, contiguous_groups, valid_expert_counts
 from moekit.convert.hf import from_hf, patch_hf_model, supported_blocks, to_hf, unpatch_hf_model
+from moekit.convert.importance import (
+    IMPORTANCE_SIGNALS,
+    ImportanceHandle,
+    attach_importance,
+    attention_importance,
+    valid_tokens,
+)
 from moekit.convert.measure import active_fraction
 from moekit.convert.method import ConversionMethod, available_methods, method_class, register_method
 from moekit.convert.partition import Partition, moe_from_ffn, partition, partition_ffn, partition_gpt
@@ -44,4 +53,5 @@ __all__ = ["from_hf", "to_hf", "patch_hf_model", "unpatch_hf_model", "supported_
            "tune", "attach_pregate", "save", "load", "ConversionMethod", "register_method", "available_methods",
            "method_class", "Partition", "Upcycle", "Prune", "Refactor", "partition_gpt", "valid_expert_counts",
            "MIN_CALIBRATION_TOKENS", "calibration_batches", "calibration_batches_for", "default_run", "bias_flags",
-           "export_hf", "hf_native", "why_not_hf_native", "tokenizer_files", "TARGETS", "Target"]
+           "export_hf", "hf_native", "why_not_hf_native", "tokenizer_files", "TARGETS", "Target", "attach_importance",
+           "attention_importance", "valid_tokens", "ImportanceHandle", "IMPORTANCE_SIGNALS"]

@@ -16,8 +16,8 @@ from moekit.layer import FFN, MoE
 from moekit.routers import build_router
 from moekit.routing import Router
 
-__all__ = ["moe_from_channels", "dense_from_channels", "ConvertedFFN", "RoutingContext", "bias_flags", "router_spec",
-           "empty_moe", "empty_dense"]
+__all__ = ["moe_from_channels", "dense_from_channels", "ConvertedFFN", "RoutingContext", "context_keys_of",
+           "bias_flags", "router_spec", "empty_moe", "empty_dense"]
 
 
 def _take(ffn: DenseFFN, ch: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -109,15 +109,26 @@ def empty_dense(spec: dict, d_model: int) -> FFN:
 
 
 class RoutingContext:
-    """Per-forward context shared by the converted layers of one model (Read-ME's pre-gated expert ids)."""
+    """Per-forward context for converted layers whose router asks for more than the hidden states
+    (``context_keys``): Read-ME's pre-gated ``expert_ids``, shared by every layer of a model and set
+    by the PreGate before the backbone runs; and a token ``importance`` (DA-MoE), set by
+    :func:`moekit.convert.importance.attach_importance` from a layer's attention just before that
+    layer's FFN runs, and consumed by it."""
 
     def __init__(self) -> None:
         self.expert_ids: Tensor | None = None
+        self.importance: Tensor | None = None
+
+
+def context_keys_of(ffn: nn.Module) -> tuple[str, ...]:
+    """What a layer asks of the model: its own ``context_keys`` or its router's."""
+    return tuple(getattr(ffn, "context_keys", getattr(getattr(ffn, "gate", None), "context_keys", ())))
 
 
 class ConvertedFFN(nn.Module):
     """What replaces a Hugging Face FFN: an MoE (or a pruned dense FFN) plus the dense model's down
-    bias, added once. With a :class:`RoutingContext` the MoE routes by the pre-gated expert ids."""
+    bias, added once. With a :class:`RoutingContext` the MoE gets what its router asks for from it
+    (pre-gated expert ids, attention importance)."""
 
     def __init__(self, ffn: nn.Module, out_bias: Tensor | None = None, context: RoutingContext | None = None) -> None:
         super().__init__()
@@ -125,15 +136,31 @@ class ConvertedFFN(nn.Module):
         self.out_bias = None if out_bias is None else nn.Parameter(out_bias.detach().clone())
         self.context = context
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.context is not None:
+    def _routing_context(self, x: Tensor) -> dict:
+        keys, n = context_keys_of(self.ffn), x.shape[:-1].numel()
+        if self.context is None:
+            if "importance" in keys:
+                raise ValueError("ConvertedFFN: this layer's router needs the tokens' importance; attach it with "
+                                 "moekit.convert.attach_importance(model, 'received' or 'paid')")
+            return {}
+        out = {}
+        if "importance" in keys:
+            imp, self.context.importance = self.context.importance, None  # consumed: never reused by another layer
+            if imp is None or imp.numel() != n:
+                raise RuntimeError("ConvertedFFN: no attention importance for this input; the layer's attention must "
+                                   "run first with moekit.convert.attach_importance attached, one whole sequence at "
+                                   "a time")
+            out["importance"] = imp.reshape(-1)
+        if "expert_ids" in keys:
             ids = self.context.expert_ids
-            if ids is None or ids.numel() != x.shape[:-1].numel():
+            if ids is None or ids.numel() != n:
                 raise RuntimeError(
                     "ConvertedFFN: no pre-gated expert ids for this input; call the model on input_ids with its "
                     "PreGate attached (moekit.convert.refactor), one whole sequence at a time"
                 )
-            y = self.ffn(x, expert_ids=ids.reshape(-1))
-        else:
-            y = self.ffn(x)
+            out["expert_ids"] = ids.reshape(-1)
+        return out
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = self.ffn(x, **self._routing_context(x))
         return y if self.out_bias is None else y + self.out_bias
