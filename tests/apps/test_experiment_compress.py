@@ -27,8 +27,9 @@ def test_experiment_compress_quick(tmp_path, monkeypatch):
         assert 1 < row["val_ppl"] < QUICK.vocab_size  # below a uniform guess
         assert set(row["ppl_by_language"]) == {"en", "fr", "es"} and row["tok_s"] > 0
     labels = {r["label"] for r in summary}
-    assert set(experiment.AT_EQUAL_EXPERTS) <= labels and {"mc-moe pmq", "mc-moe uniform", "trained from scratch",
-                                                          "odp (median per layer)", "fixed threshold"} <= labels
+    assert set(experiment.AT_EQUAL_EXPERTS) <= labels and {"mc-moe pmq (gptq)", "mc-moe uniform (rtn)",
+                                                          "trained from scratch", "odp (median per layer)",
+                                                          "fixed threshold"} <= labels
     # pruning removes whole experts and their router rows: 2 layers x (3 matrices D x F + a router row D) fp32
     D, F = QUICK.d_model, QUICK.d_ff // 2
     base = _row(summary, "base (8 experts)")["bytes"]
@@ -42,12 +43,23 @@ def test_experiment_compress_quick(tmp_path, monkeypatch):
         assert merged == base - 2 * (8 - n) * 3 * D * F * 4 + 2 * 8 * 8
     fp32 = 2 * 8 * 3 * D * F * 4
     for bits in experiment.BITS:  # equal average bits: about equal packed bytes (widths pack differently)
-        sizes = [_row(summary, f"mc-moe {a}", bits=bits)["bytes"] - (base - fp32) for a in experiment.ALLOCATIONS]
+        sizes = [_row(summary, f"mc-moe {a} ({q})", bits=bits)["bytes"] - (base - fp32)
+                 for a in experiment.ALLOCATIONS for q in ("rtn", "gptq")]
         assert max(sizes) / min(sizes) < 1.05 and max(sizes) < (bits + 1.5) / 32 * fp32  # scales and zeros: < 1.5 bit
     odp, fixed = _row(summary, "odp (median per layer)"), _row(summary, "fixed threshold")
     assert 0.1 < odp["pruned"] < 0.9 and abs(odp["pruned"] - fixed["pruned"]) < 0.03  # matched pruned fraction
     assert (tmp_path / "compress.png").read_bytes()[:4] == b"\x89PNG"
     assert "| reap |" in experiment.report_markdown(result)
+
+    # a rerun in the same folder takes every row from results.json; a row missing there is measured again
+    old = {(r["label"], r.get("experts"), r.get("bits")): r for r in runs}
+    result["runs"] = [r for r in runs if r["label"] != "reap"]
+    (tmp_path / "results.json").write_text(json.dumps(result))
+    again = experiment.run(tmp_path, seeds=1, quick=True)
+    assert again["rows_reused"] == len(runs) - len(experiment.E_PRIMES)
+    for r in again["runs"]:
+        want = old[(r["label"], r.get("experts"), r.get("bits"))]
+        assert math.isclose(r["val_ppl"], want["val_ppl"], rel_tol=1e-6) and r["bytes"] == want["bytes"]
 
     # a rerun with the same settings loads the cached base model instead of training it
     def no_training(*a, **k):

@@ -6,6 +6,7 @@ import argparse
 
 from moekit.apps.cli.command import POS_INT, Command
 from moekit.apps.experiments import (
+    adaptive,
     compress,
     convert_gpt,
     convert_minilm,
@@ -19,7 +20,7 @@ from moekit.io import MANIFEST, claim_folder, record_files
 
 #: command-line name -> the experiment's module (its ``run(out, seeds, quick)``)
 EXPERIMENTS = {"dselect": dselect, "dsmoe": dsmoe, "dynamic-k": dynamic_k, "convert-gpt": convert_gpt,
-               "convert-minilm": convert_minilm, "mole-embeddings": mole_embeddings, "compress": compress,
+               "convert-minilm": convert_minilm, "mole-embeddings": mole_embeddings, "compress": compress, "adaptive": adaptive,
                "meo": meo}
 
 

@@ -40,9 +40,11 @@ from moekit.apps.experiments.convert_minilm import load_minilm
 from moekit.apps.experiments.output import print_table
 from moekit.convert import attach_importance, fit_routers, partition
 from moekit.data import by_split, load_corpus
-from moekit.layer import MoE, aux_loss, routing_stats
+from moekit.layer import MoE, ZeroComputationExperts, aux_loss, routing_stats
+from moekit.routers import MoEPP
 
 E = 8
+ZC = 4  # MoE++'s zero-computation experts: 1 zero, 1 copy, 2 constant
 LANGUAGES = ("en", "fr", "es")
 # full: sized from measured step times so that 5 arms x 3 seeds fit in about 25 minutes on 2 busy CPU cores
 FULL = {"train": 1600, "test": 600, "seq_len": 48, "steps": 100, "batch": 16, "lr": 1e-4, "head_lr": 1e-3,
@@ -59,7 +61,7 @@ class Arm:
     router: str | None = None
     router_args: dict = field(default_factory=dict)
     importance: str | None = None
-    build: Callable[[nn.Module, Arm], nn.Module] | None = None  # a custom conversion (default: partition)
+    build: Callable[[nn.Module, Arm, Tensor], nn.Module] | None = None  # (dense, arm, calibration ids) -> encoder
 
 
 DA_ARGS = {"k_min": 1, "k_max": 4, "budget": 2.0}
@@ -150,14 +152,41 @@ def _partitioned(dense: nn.Module, arm: Arm) -> nn.Module:
     return model
 
 
-def build_encoder(dense: nn.Module, arm: Arm, calib: Tensor) -> nn.Module:
-    """The arm's encoder from the dense MiniLM (eager attention, no attention dropout)."""
-    model = copy.deepcopy(dense) if arm.router is None else (arm.build or _partitioned)(dense, arm)
+def _fitted(dense: nn.Module, arm: Arm, calib: Tensor) -> nn.Module:
+    """Partitioned, with each router fitted to the experts' contributions on the calibration text."""
+    model = _partitioned(dense, arm)
     if arm.importance is not None:
         attach_importance(model, arm.importance)
-    if arm.router is not None:
-        fit_routers(model, [{"input_ids": b} for b in calib.split(8)])
+    fit_routers(model, [{"input_ids": b} for b in calib.split(8)])
     return model
+
+
+def _moepp(dense: nn.Module, arm: Arm, calib: Tensor) -> nn.Module:
+    """MoE++ on the partitioned FFN: the fitted top-2 router's rows for the 8 FFN experts, zero rows
+    for 1 zero, 1 copy and 2 constant experts (paper's (8+4)E), so the model starts routing like
+    top-2 and learns when a token needs less. No gating residual: the converted layers of a BERT
+    are not chained by moekit's GPT, which passes it (our setting)."""
+    model = _fitted(dense, Arm("topk", {"k": 2}), calib)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            fitted = m.gate.weight.detach()
+            gate = MoEPP(**arm.router_args).bind(m.d_model, E + ZC)
+            gate.set_expert_kinds(E, 1, 1, ZC - 2)
+            with torch.no_grad():
+                gate.weight.zero_()
+                gate.weight[:E] = fitted
+            m.gate, m.num_zc_experts = gate, ZC
+            m.zc_experts = ZeroComputationExperts(m.d_model, 1, 1, ZC - 2)
+            gate.register_forward_hook(_weights_sum_to_k)
+    return model
+
+
+ARMS["MoE++ (8+4), tau 0.75"] = Arm("moepp", {"k": 2, "tau": 0.75, "residual": False}, build=_moepp)
+
+
+def build_encoder(dense: nn.Module, arm: Arm, calib: Tensor) -> nn.Module:
+    """The arm's encoder from the dense MiniLM (eager attention, no attention dropout)."""
+    return copy.deepcopy(dense) if arm.router is None else (arm.build or _fitted)(dense, arm, calib)
 
 
 def base_encoder() -> tuple[nn.Module, object]:

@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -38,6 +39,7 @@ from moekit.apps.experiments.output import print_table, write_results
 from moekit.apps.presets import DemoSettings, base_config, default_variants, prepare_corpus
 from moekit.apps.report import markdown_table, pyplot, save_figure
 from moekit.compress import calibrate_odp, compress, dedup_bytes, domain_batches, mcmoe, seer_finetune, with_odp
+from moekit.compress.mcmoe import QUANTIZERS
 from moekit.io import kind_of
 from moekit.models import GPT, GPTConfig
 from moekit.models.gpt import MODEL_KIND
@@ -57,14 +59,16 @@ SEER_ENTROPY = 0.1
 DOMAINS = ("fr", "en")
 DOMAIN_METHODS = ("reap", "prune-count")
 QUICK_STEPS = 10
+FULL_STEPS = 400  # twice the other LM experiments' 200: an undertrained base makes fine-tuning look like repair
 TRAIN_FILE = "train.json"  # the settings a cached model was trained with
 
 
 def budget(quick: bool) -> tuple[DemoSettings, int]:
     """The demo's model/data settings and the training steps of every model (fewer than the other
-    LM experiments in quick mode: four models are trained per seed)."""
-    s, steps = settings(quick)
-    return s, QUICK_STEPS if quick else steps
+    LM experiments in quick mode, where four models are trained per seed; more in full mode, so that
+    the base is not so undertrained that any further training, compressed or not, improves it)."""
+    s, _ = settings(quick)
+    return s, QUICK_STEPS if quick else FULL_STEPS
 
 
 def scale(quick: bool) -> dict:
@@ -117,80 +121,147 @@ def fixed_threshold(base: GPT, target: float, val, s: DemoSettings, iters: int =
     return model, (lo + hi) / 2
 
 
-def expert_rows(base: GPT, calib: list, data: tuple, s: DemoSettings, sc: dict, seed: int) -> list[dict]:
+class Rows(list):
+    """The rows of one seed. A row that a previous run in the same folder measured with the same
+    settings (``results.json``: steps, scale, seed, label and size) is taken from it instead of
+    being computed again, so adding a method to the experiment reruns only what is new."""
+
+    def __init__(self, seed: int, previous: dict[tuple, dict]) -> None:
+        super().__init__()
+        self.seed, self.previous, self.reused = seed, previous, 0
+
+    def add(self, head: dict, make: Callable[[], dict]) -> dict:
+        """Append ``head`` (label, family, size) with its measurements: the previous run's, else ``make()``'s."""
+        old = self.previous.get((self.seed, *key(head)))
+        self.reused += old is not None
+        row = {**head, **(make() if old is None else {k: v for k, v in old.items() if k not in head})}
+        self.append(row)
+        return row
+
+
+def expert_rows(rows: Rows, base: GPT, calib: list, data: tuple, s: DemoSettings, sc: dict) -> None:
     """Every method at E' in :data:`E_PRIMES`, and SEER with and without its entropy term."""
     train, val = data
-    rows = []
+
+    def compressed(method: str, n: int, extra: dict) -> dict:
+        return measure(compress(copy.deepcopy(base), method, calib, num_experts=n, **extra), val, s, sc["eval_chunks"])
+
+    def seer(n: int, entropy: float) -> dict:
+        model = compress(copy.deepcopy(base), "seer", calib, num_experts=n)
+        return measure(finetune(model, train, s, sc, rows.seed, entropy), val, s, sc["eval_chunks"])
+
     for n in E_PRIMES:
         for label, (method, extra) in AT_EQUAL_EXPERTS.items():
-            model = compress(copy.deepcopy(base), method, calib, num_experts=n, **extra)
-            rows.append({"label": label, "family": "merge" if "merge" in method or "smoe" in method else "prune",
-                         "experts": n, **measure(model, val, s, sc["eval_chunks"])})
+            family = "merge" if "merge" in method or "smoe" in method else "prune"
+            rows.add({"label": label, "family": family, "experts": n},
+                     lambda method=method, n=n, extra=extra: compressed(method, n, extra))
         for entropy in (SEER_ENTROPY, 0.0):
-            model = compress(copy.deepcopy(base), "seer", calib, num_experts=n)
-            seer_finetune(model, lambda step: train.batch(step, s.batch_size, s.seq_len, seed=seed + 1),
-                          sc["finetune_steps"], entropy=entropy, lr=s.lr / 10)
-            rows.append({"label": f"seer + {sc['finetune_steps']} fine-tuning steps (entropy {entropy})",
-                         "family": "fine-tuned", "experts": n, **measure(model, val, s, sc["eval_chunks"])})
-    return rows
+            rows.add({"label": f"seer + {sc['finetune_steps']} fine-tuning steps (entropy {entropy})",
+                      "family": "fine-tuned", "experts": n}, lambda n=n, entropy=entropy: seer(n, entropy))
 
 
-def precision_rows(base: GPT, calib: list, val, s: DemoSettings, sc: dict) -> list[dict]:
-    """MC-MoE allocations at equal average bits; ODP against a fixed threshold at the same pruned fraction."""
-    rows = []
-    for bits in BITS:
-        for allocation in ALLOCATIONS:
-            model = copy.deepcopy(base)
-            mcmoe(model, calib, bits=bits, allocation=allocation, group=sc["group"])
-            rows.append({"label": f"mc-moe {allocation}", "family": "mc-moe", "bits": bits,
-                         **measure(model, val, s, sc["eval_chunks"])})
-    odp = copy.deepcopy(base)
-    with_odp(odp)
-    calibrate_odp(odp, calib)
-    frac = pruned_fraction(odp, val, s)
-    fixed, mu = fixed_threshold(base, frac, val, s)
-    rows.append({"label": "odp (median per layer)", "family": "odp", "pruned": frac,
-                 **measure(odp, val, s, sc["eval_chunks"])})
-    rows.append({"label": "fixed threshold", "family": "odp", "pruned": pruned_fraction(fixed, val, s), "mu": mu,
-                 **measure(fixed, val, s, sc["eval_chunks"])})
-    return rows
+def finetune(model: GPT, train, s: DemoSettings, sc: dict, seed: int, entropy: float = 0.0) -> GPT:
+    """The fine-tuning every fine-tuned row gets: the same steps, batches and learning rate."""
+    seer_finetune(model, lambda step: train.batch(step, s.batch_size, s.seq_len, seed=seed + 1),
+                  sc["finetune_steps"], entropy=entropy, lr=s.lr / 10)
+    return model.eval()
 
 
-def domain_rows(base: GPT, train, tokenizer, val, s: DemoSettings, sc: dict) -> list[dict]:
+def precision_rows(rows: Rows, base: GPT, calib: list, val, s: DemoSettings, sc: dict) -> None:
+    """MC-MoE allocations at equal average bits with either quantizer; ODP against a fixed threshold
+    at the same pruned fraction, and without its protected tokens."""
+    def quantized(bits: float, allocation: str, quantizer: str) -> dict:
+        model = copy.deepcopy(base)
+        mcmoe(model, calib, bits=bits, allocation=allocation, group=sc["group"], quantizer=quantizer)
+        return measure(model, val, s, sc["eval_chunks"])
+
+    def odp(protect: float) -> dict:
+        model = copy.deepcopy(base)
+        with_odp(model, protect=protect)
+        calibrate_odp(model, calib)
+        return {"pruned": pruned_fraction(model, val, s), **measure(model, val, s, sc["eval_chunks"])}
+
+    def fixed(target: float) -> dict:
+        model, mu = fixed_threshold(base, target, val, s)
+        return {"pruned": pruned_fraction(model, val, s), "mu": mu, **measure(model, val, s, sc["eval_chunks"])}
+
+    for quantizer in QUANTIZERS:
+        for bits in BITS:
+            for allocation in ALLOCATIONS:
+                rows.add({"label": f"mc-moe {allocation} ({quantizer})", "family": "mc-moe", "bits": bits},
+                         lambda b=bits, a=allocation, q=quantizer: quantized(b, a, q))
+    target = rows.add({"label": "odp (median per layer)", "family": "odp"}, lambda: odp(0.02))["pruned"]
+    rows.add({"label": "median per layer, no protected tokens", "family": "odp"}, lambda: odp(0.0))
+    rows.add({"label": "fixed threshold", "family": "odp"}, lambda: fixed(target))
+
+
+def domain_rows(rows: Rows, base: GPT, train, tokenizer, val, s: DemoSettings, sc: dict) -> None:
     """REAP and hard-count pruning to E'=4 from one language's statistics, evaluated on every language."""
-    rows = []
+    n = min(E_PRIMES)
     for lang in DOMAINS:
-        calib = domain_batches(train.docs, tokenizer, "language", lang, s.seq_len, sc["calibration"])
+        calib = None
         for method in DOMAIN_METHODS:
-            model = compress(copy.deepcopy(base), method, calib, num_experts=min(E_PRIMES))
-            rows.append({"label": f"{method} from {lang} only", "family": "domain", "experts": min(E_PRIMES),
-                         **measure(model, val, s, sc["eval_chunks"])})
-    return rows
+            def pruned(method=method, lang=lang) -> dict:
+                nonlocal calib
+                calib = calib or domain_batches(train.docs, tokenizer, "language", lang, s.seq_len, sc["calibration"])
+                return measure(compress(copy.deepcopy(base), method, calib, num_experts=n), val, s, sc["eval_chunks"])
+
+            rows.add({"label": f"{method} from {lang} only", "family": "domain", "experts": n}, pruned)
 
 
-def seed_rows(out: Path, seed: int, corpus: tuple, s: DemoSettings, steps: int, sc: dict) -> list[dict]:
+def reference_rows(rows: Rows, out: Path, corpus: tuple, s: DemoSettings, steps: int, sc: dict) -> None:
+    """The MoEs with E' experts and the dense model trained from scratch on the same tokens, the
+    MoEs also after the fine-tuning steps the fine-tuned methods get."""
+    train, val, tokenizer = corpus
+    base_cfg = base_config(s, tokenizer.get_vocab_size())
+    for n in E_PRIMES:
+        ref = cached_model(out / "models" / f"moe{n}_s{rows.seed}", base_cfg.with_moe(num_experts=n, k=2),
+                           (train, val), s, steps, rows.seed)
+        rows.add({"label": "trained from scratch", "family": "reference", "experts": n},
+                 lambda ref=ref: {"active_params": ref.active_params(), **measure(ref, val, s, sc["eval_chunks"])})
+        rows.add({"label": f"trained from scratch + {sc['finetune_steps']} fine-tuning steps", "family": "reference",
+                  "experts": n}, lambda ref=ref: measure(finetune(ref, train, s, sc, rows.seed), val, s,
+                                                         sc["eval_chunks"]))
+    variants = {v.name: v.config for v in default_variants(base_cfg)}
+    dense = cached_model(out / "models" / f"dense_s{rows.seed}", variants["dense"], (train, val), s, steps, rows.seed)
+    rows.add({"label": "dense (matched active parameters)", "family": "reference"},
+             lambda: {"active_params": dense.active_params(), **measure(dense, val, s, sc["eval_chunks"])})
+
+
+def seed_rows(out: Path, seed: int, corpus: tuple, s: DemoSettings, steps: int, sc: dict,
+              previous: dict[tuple, dict]) -> Rows:
     """Every row of one seed: the base, its compressions and the references trained from scratch."""
     train, val, tokenizer = corpus
     base_cfg = base_config(s, tokenizer.get_vocab_size())
-    variants = {v.name: v.config for v in default_variants(base_cfg)}
-    moe_cfg = variants["moe-top2"]
-    data = (train, val)
-    base = cached_model(out / "models" / f"moe8_s{seed}", moe_cfg, data, s, steps, seed)
+    moe_cfg = {v.name: v.config for v in default_variants(base_cfg)}["moe-top2"]
+    base = cached_model(out / "models" / f"moe8_s{seed}", moe_cfg, (train, val), s, steps, seed)
     calib = list(train.chunks(s.seq_len, sc["calibration"])[0].split(8))
-    rows = [{"label": "base (8 experts)", "family": "reference", "experts": 8,
-             "active_params": base.active_params(), **measure(base, val, s, sc["eval_chunks"])}]
-    rows += expert_rows(base, calib, data, s, sc, seed)
-    rows += precision_rows(base, calib, val, s, sc)
-    rows += domain_rows(base, train, tokenizer, val, s, sc)
-    for n in E_PRIMES:
-        ref = cached_model(out / "models" / f"moe{n}_s{seed}", base_cfg.with_moe(num_experts=n, k=2), data, s,
-                           steps, seed)
-        rows.append({"label": "trained from scratch", "family": "reference", "experts": n,
-                     "active_params": ref.active_params(), **measure(ref, val, s, sc["eval_chunks"])})
-    dense = cached_model(out / "models" / f"dense_s{seed}", variants["dense"], data, s, steps, seed)
-    rows.append({"label": "dense (matched active parameters)", "family": "reference",
-                 "active_params": dense.active_params(), **measure(dense, val, s, sc["eval_chunks"])})
-    return [{**r, "seed": seed} for r in rows]
+    rows = Rows(seed, previous)
+    rows.add({"label": "base (8 experts)", "family": "reference", "experts": 8},
+             lambda: {"active_params": base.active_params(), **measure(base, val, s, sc["eval_chunks"])})
+    rows.add({"label": f"base + {sc['finetune_steps']} fine-tuning steps", "family": "reference", "experts": 8},
+             lambda: measure(finetune(copy.deepcopy(base), train, s, sc, seed), val, s, sc["eval_chunks"]))
+    expert_rows(rows, base, calib, (train, val), s, sc)
+    precision_rows(rows, base, calib, val, s, sc)
+    domain_rows(rows, base, train, tokenizer, val, s, sc)
+    reference_rows(rows, out, corpus, s, steps, sc)
+    for r in rows:
+        r["seed"] = seed
+    return rows
+
+
+def previous_rows(out: Path, steps: int, sc: dict) -> dict[tuple, dict]:
+    """The rows of ``out/results.json`` by (seed, label, size) when it was written with ``steps`` and ``sc``."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if old.get("experiment") != "compress" or old.get("steps") != steps or old.get("scale") != sc:
+        return {}
+    return {(r["seed"], *key(r)): r for r in old.get("runs", [])}
 
 
 def key(row: dict) -> tuple:
@@ -242,15 +313,19 @@ def run(out: str | os.PathLike = "runs/experiments/compress", seeds: int = 3, qu
     s, steps = budget(quick)
     sc = scale(quick)
     corpus = prepare_corpus(s, None, console)
-    runs = []
+    previous = previous_rows(out, steps, sc)
+    runs, reused = [], 0
     for seed in range(seeds):
-        runs += seed_rows(out, seed, corpus, s, steps, sc)
-        console.print(f"seed {seed}: {len(runs)} rows ({time.perf_counter() - t0:.0f} s)")
+        rows = seed_rows(out, seed, corpus, s, steps, sc, previous)
+        runs += rows
+        reused += rows.reused
+        console.print(f"seed {seed}: {len(rows)} rows, {rows.reused} from the previous results.json "
+                      f"({time.perf_counter() - t0:.0f} s)")
     summary = summarize(runs)
     print_table(console, f"Compressing the demo's top-2 8-expert GPT ({steps} steps, {seeds} seeds)",
                 columns(summary), table_rows(summary))
     result = {"experiment": "compress", "seeds": seeds, "steps": steps, "scale": sc, "summary": summary,
-              "runs": runs, "wall_s": time.perf_counter() - t0}
+              "runs": runs, "rows_reused": reused, "wall_s": time.perf_counter() - t0}
     write_results(out, result, console, "compress.png", lambda path: plot(summary, path))
     return result
 

@@ -64,8 +64,9 @@ def train(config: GPTConfig, data: TaskStreams, s: DemoSettings, steps: int, see
     for step in track(range(steps), description=name, transient=True):
         x, y, task = data.batch(step, s.batch_size, s.seq_len, seed=seed)
         loss = model.loss(x, y, task_ids=task) + aux_loss(model)
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"{name}: the loss is {float(loss)} at step {step}")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{name}: the loss is {value} at step {step}; lower the learning rate")
         optimizer_step(opt, loss, model.parameters(), 1.0, warmup_cosine(step, steps, s.lr, max(1, steps // 20)))
     return model.eval(), steps * s.batch_size * s.seq_len / (time.perf_counter() - t0)
 
