@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moekit-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test test-gpu gpu-check demo demo-quick bench experiments experiments-convert lint clean
+.PHONY: test test-gpu gpu-check demo demo-quick bench experiments experiments-convert experiments-long lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,13 @@ experiments: $(STAMP)
 experiments-convert: $(STAMP)
 	$(VENV)/bin/moekit experiment convert-minilm
 	$(VENV)/bin/moekit experiment convert-gpt
+
+# the long ones (3 seeds each, on 2 CPU cores): compression of the demo MoE (about an hour), MEO
+# (about 20 minutes), adaptive compute per token in a decoder and an encoder (about 40 minutes)
+experiments-long: $(STAMP)
+	$(VENV)/bin/moekit experiment compress
+	$(VENV)/bin/moekit experiment meo
+	$(VENV)/bin/moekit experiment adaptive
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

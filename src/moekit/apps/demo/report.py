@@ -12,7 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.apps.bench import offload as offload_bench
-from moekit.apps.experiments import compress, convert_gpt, convert_minilm, dselect, dsmoe, dynamic_k, mole_embeddings
+from moekit.apps.experiments import (
+    adaptive,
+    compress,
+    convert_gpt,
+    convert_minilm,
+    dselect,
+    dsmoe,
+    dynamic_k,
+    meo,
+    mole_embeddings,
+)
 from moekit.apps.report import markdown_table
 from moekit.io import atomic_write, atomic_write_text, read_json, record_files, verify, verify_file
 
@@ -40,6 +50,10 @@ EXPERIMENTS = {
                               convert_minilm.report_markdown, "convert_minilm.png"),
     "compress": Section("Compressing a trained MoE: pruning, merging and mixed precision at equal size",
                         compress.report_markdown, "compress.png"),
+    "meo": Section("MEO: merging the selected experts into one FFN, gated by the language",
+                   meo.report_markdown, "meo.png"),
+    "adaptive": Section("Adaptive compute per token: MoE++ and DA-MoE in a decoder and an encoder",
+                        adaptive.report_markdown, "adaptive.png"),
     "mole-embeddings": Section("MoLE: tied vs untied input/output embeddings (the demo ties them for every variant)",
                                mole_embeddings.report_markdown, "mole_embeddings.png"),
 }
