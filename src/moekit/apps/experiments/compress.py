@@ -99,7 +99,8 @@ def measure(model: GPT, val, s: DemoSettings, eval_chunks: int) -> dict:
 
 
 def pruned_fraction(model: GPT, val, s: DemoSettings) -> float:
-    """The share of second-expert assignments a top-2 model skips on validation windows."""
+    """The share of a top-2 model's expert assignments that are skipped on validation windows (each
+    skip is a token's second expert: twice this share of the tokens lose theirs)."""
     layers = experts_per_token(model, val, s, 16)
     return 1 - statistics.mean(ly["mean_experts"] for ly in layers) / 2
 
@@ -290,7 +291,7 @@ def size(row: dict) -> str:
     if "bits" in row:
         return f"{row['bits']} bits"
     if "pruned" in row:
-        return f"{row['pruned']:.0%} 2nd skipped"
+        return f"{row['pruned']:.0%} of assignments ({2 * row['pruned']:.0%} of 2nd experts) skipped"
     return f"E'={row['experts']}" if "experts" in row else "dense"
 
 
@@ -334,17 +335,30 @@ MARKERS = {"prune": "o", "merge": "s", "fine-tuned": "P", "mc-moe": "D", "odp": 
 
 
 def plot(summary: list[dict], path) -> None:
-    """Validation perplexity against deduplicated bytes, one marker per method and size."""
+    """Validation perplexity against deduplicated bytes, one colour and marker per family of methods:
+    every row on a log scale (left), and the rows near the base model, labelled (right)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, r in enumerate(summary):
-        ax.scatter(r["bytes"] / 2**20, r["val_ppl"], marker=MARKERS[r["family"]], s=40, alpha=0.8,
-                   color=plt.get_cmap("tab20")(i % 20), label=f"{r['label']} ({size(r)})")
-    ax.set_xlabel("deduplicated bytes (MB)")
-    ax.set_ylabel("validation perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=5, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title("Compression of the demo's top-2 8-expert GPT (mean over seeds)", fontsize=9)
+    fig, (full, near) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    colours = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(MARKERS)}
+    base = next(r["val_ppl"] for r in summary if r["label"].startswith("base ("))
+    for ax in (full, near):
+        for family, marker in MARKERS.items():
+            rs = [r for r in summary if r["family"] == family]
+            ax.scatter([r["bytes"] / 2**20 for r in rs], [r["val_ppl"] for r in rs], marker=marker, s=36,
+                       alpha=0.8, color=colours[family], label=family)
+        ax.set_xlabel("deduplicated bytes (MB)")
+        ax.grid(alpha=0.3)
+    full.set_yscale("log")
+    full.set_ylabel("validation perplexity")
+    full.legend(fontsize=7)
+    full.set_title("every method and size (mean over seeds)", fontsize=9)
+    close = [r for r in summary if r["val_ppl"] < 1.1 * base]
+    near.set_ylim(min(r["val_ppl"] for r in close) - 2, 1.1 * base)
+    for i, r in enumerate(close):
+        near.annotate(f"{r['label']} ({size(r)})", (r["bytes"] / 2**20, r["val_ppl"]), fontsize=4.5,
+                      xytext=(4, (i % 3 - 1) * 3), textcoords="offset points")
+    near.set_title("within 10% of the base model's perplexity", fontsize=9)
+    fig.suptitle("Compression of the demo's top-2 8-expert GPT", fontsize=10)
     save_figure(fig, path)
 
 
