@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from moekit import FFN, MoE
+from moekit.compress.mcmoe import quantize_attention
 from moekit.convert import ConvertedFFN, export_hf, hf_native, load, partition, prune, save, upcycle, why_not_hf_native
 from moekit.models import GPT, GPTConfig
 from moekit.routers import TopK
@@ -267,3 +268,11 @@ def test_a_gpt_export_carries_its_tokenizers_end_of_text_for_transformers_genera
     assert plain.generation_config.eos_token_id == eos  # transformers' generate stops there
     export_hf(gpt, tmp_path / "bare")  # without a tokenizer nothing is guessed
     assert json.loads((tmp_path / "bare" / "config.json").read_text()).get("eos_token_id") is None
+
+
+def test_a_gpt_with_packed_attention_is_refused_in_one_line(tmp_path):
+    gpt = GPT(GPTConfig(**GPT_SMALL).with_moe(4, 2)).eval()
+    quantize_attention(gpt, 4, 16)
+    assert hf_native(gpt) is None and "attention projections are packed" in why_not_hf_native(gpt)
+    with pytest.raises(ValueError, match="attention projections are packed"):
+        export_hf(gpt, tmp_path / "out")

@@ -276,6 +276,10 @@ def _record(model: nn.Module, target: Target, extra: dict) -> dict:
 
 
 def _gpt_plan(model: GPT) -> _Plan:
+    for i, b in enumerate(model.blocks):
+        if type(b.attn.qkv) is not nn.Linear or type(b.attn.proj) is not nn.Linear:
+            raise _NotNative(f"layer {i}'s attention projections are packed ({type(b.attn.qkv).__name__}; "
+                             "MC-MoE's attention_bits)")
     layers = [_layer(b.ffn, i) for i, b in enumerate(model.blocks)]
     target = TARGETS["mixtral"] if any(isinstance(m, MoE) for m in layers) else TARGETS["llama"]
     config = _config(target, _gpt_base(model, layers), _ffn_fields(layers, target))
