@@ -12,7 +12,7 @@ def test_experiment_meo_quick(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["seeds"] == 1 and result["steps"] == 12
     arms = [r["arm"] for r in result["summary"]]
-    assert len(arms) == 5 and any(a.startswith("MEO") for a in arms)
+    assert len(arms) == 6 and sum(a.startswith("MEO") for a in arms) == 2
     assert (tmp_path / "meo.png").is_file()
     by_arm = {r["arm"]: r for r in result["runs"]}
     for r in result["runs"]:
@@ -21,7 +21,7 @@ def test_experiment_meo_quick(tmp_path):
         # the overall perplexity lies between the best and the worst language's
         assert min(r["ppl_by_task"].values()) <= r["val_ppl"] * (1 + 1e-9)
         assert r["val_ppl"] <= max(r["ppl_by_task"].values()) * (1 + 1e-9)
-    meo = next(r for a, r in by_arm.items() if a.startswith("MEO"))
+    meo = next(r for a, r in by_arm.items() if a.startswith("MEO, weights merged ("))
     mixed = next(r for a, r in by_arm.items() if a.startswith("task-level"))
     assert meo["params"] == mixed["params"] and meo["ffn_width"] == 1 and mixed["ffn_width"] == 2
     row = result["summary"][0]

@@ -148,6 +148,9 @@ class GPT(nn.Module):
                 continue
             is_out = name.endswith(("attn.proj.weight", "down_proj", "down_proj.weight"))
             nn.init.normal_(p, std=out_std if is_out else std)
+        for m in self.modules():
+            if isinstance(m, MEO):
+                m.copy_first_expert()
 
     def forward(self, ids_BT: Tensor, caches: list[dict] | None = None, task_ids: Tensor | None = None) -> Tensor:
         """Logits ``[B, T, V]``. ``caches`` (one dict per layer) enables incremental decoding; ``task_ids``

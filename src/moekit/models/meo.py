@@ -94,7 +94,8 @@ class MEO(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int = 8, k: int = 2, gate_on: str = "task",
                  num_tasks: int | None = None, noisy: bool = True, balance: float = 0.01, merge: bool = True,
-                 token_attention: bool = False, activation: str = "swiglu", bias: bool = False) -> None:
+                 token_attention: bool = False, activation: str = "swiglu", bias: bool = False,
+                 copies: bool = True) -> None:
         super().__init__()
         check_number("num_experts", num_experts, lo=1, integer=True, owner="MEO")
         check_number("k", k, lo=1, hi=num_experts, integer=True, owner="MEO")
@@ -105,7 +106,7 @@ class MEO(nn.Module):
             check_number("num_tasks", num_tasks, lo=1, integer=True, owner="MEO (gate_on='task')")
             self.task_embedding = nn.Embedding(num_tasks, d_model)
         self.num_experts, self.k, self.gate_on, self.num_tasks = num_experts, k, gate_on, num_tasks
-        self.noisy, self.balance, self.merge = bool(noisy), float(balance), bool(merge)
+        self.noisy, self.balance, self.merge, self.copies = bool(noisy), float(balance), bool(merge), bool(copies)
         self.experts = GroupedExperts(num_experts, d_model, d_ff, activation, bias=bias)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy else None
@@ -120,20 +121,35 @@ class MEO(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Experts N(0, 0.02); the gate and noise projections start at zero (Shazeer)."""
+        """Experts N(0, 0.02) (copies of the first with ``copies``); the gate and noise projections
+        start at zero (Shazeer); the task embedding N(0, 1), the scale of the normalised hidden states
+        the paper's mean-gate reads (at 0.02 the gate barely learns and its noise decides)."""
         for p in self.experts.parameters():
             nn.init.normal_(p, std=0.02) if p.dim() > 1 else nn.init.zeros_(p)
+        self.copy_first_expert()
+        if self.gate_on == "task":  # the scale of the RMS-normed hidden states a mean-gate reads
+            nn.init.normal_(self.task_embedding.weight, std=1.0)
         nn.init.zeros_(self.gate.weight)
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)
+
+    @torch.no_grad()
+    def copy_first_expert(self) -> None:
+        """With ``copies``, every expert's tensors become the first expert's (a model re-initialising
+        the experts its own way calls this after)."""
+        if self.copies:
+            for p in self.experts.parameters():
+                p.copy_(p[:1].expand_as(p))
 
     def extra_repr(self) -> str:
         return (f"k={self.k}, gate_on={self.gate_on!r}, num_tasks={self.num_tasks}, noisy={self.noisy}, "
                 f"balance={self.balance}, merge={self.merge}")
 
     def own_init_parameters(self) -> list[nn.Parameter]:
-        """The parameters a model must leave at this layer's initialisation (the zero gate)."""
-        return [self.gate.weight] + ([] if self.noise is None else [self.noise.weight])
+        """The parameters a model must leave at this layer's initialisation (the zero gate, the
+        unit-scale task embedding)."""
+        own = [self.gate.weight] + ([] if self.noise is None else [self.noise.weight])
+        return own + ([self.task_embedding.weight] if self.gate_on == "task" else [])
 
     def expert_params(self) -> int:
         return sum(p.numel() for p in self.experts.parameters())
@@ -207,4 +223,4 @@ def meo(cfg: GPTConfig, spec: dict) -> nn.Module:
                          f"{spec['gate_on']!r} (the sequence mean lets each position see the tokens after it)")
     return MEO(cfg.d_model, spec.get("d_ff", cfg.d_ff), spec.get("num_experts", 8), spec.get("k", 2), "task",
                spec.get("num_tasks"), spec.get("noisy", True), spec.get("balance", 0.01), spec.get("merge", True),
-               spec.get("token_attention", False), spec.get("activation", "swiglu"))
+               spec.get("token_attention", False), spec.get("activation", "swiglu"), copies=spec.get("copies", True))
