@@ -213,3 +213,14 @@ def test_generate_with_a_cache_equals_the_greedy_loop_without_one():
     for _ in range(5):
         seq = torch.cat([seq, model(seq, task_ids=tasks)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_experts_start_as_copies_of_one_ffn_and_the_task_embedding_at_unit_scale():
+    cfg = GPTConfig(vocab_size=32, d_model=64, n_layers=1, n_heads=2, d_ff=24, max_seq_len=16,
+                    ffn=[{"kind": "meo", "num_experts": 4, "k": 2, "num_tasks": 3}])
+    ffn = GPT(cfg).blocks[0].ffn
+    for p in ffn.experts.parameters():
+        assert all(torch.equal(p[0], p[e]) for e in range(1, 4))  # a merge of copies is the copy: exact at start
+    assert 0.7 < float(ffn.task_embedding.weight.std()) < 1.3
+    apart = GPT(GPTConfig(**{**cfg.to_dict(), "ffn": [{**cfg.ffn[0], "copies": False}]})).blocks[0].ffn
+    assert not torch.equal(apart.experts.down_proj[0], apart.experts.down_proj[1])
