@@ -25,10 +25,9 @@ def test_experiment_adaptive_quick(tmp_path):
     assert 0 < matched["ffn_experts"] <= 2.0  # the zero-computation experts take part of the top-2
     da = next(r for a, r in rows.items() if a.startswith("DA-MoE"))
     assert f"budget {matched['ffn_experts']:.2f}" in da["arm"]  # DA-MoE's budget is MoE++'s measured FFN use
-    for r in rows.values():
-        assert 1 < r["val_ppl"] < 1024  # below a uniform guess over the quick vocabulary
+    assert abs(da["ffn_experts"] - matched["ffn_experts"]) < 0.5  # the controller holds DA-MoE near its budget
     for s in result["decoder"]["summary"]:
         same = [r["val_ppl"] for r in result["decoder"]["rows"] if r["arm"].split(", budget")[0] == s["arm"]]
-        assert math.isclose(s["val_ppl"], statistics.mean(same))
+        assert math.isclose(s["val_ppl"], statistics.mean(same)) and s["val_ppl_sd"] == statistics.pstdev(same)
     assert {r["arm"] for r in result["encoder"]["rows"]} >= {"dense", "top-2", "DA-MoE received", "DA-MoE paid"}
     assert "| top-2 |" in adaptive.report_markdown(result)

@@ -16,11 +16,11 @@ def test_experiment_meo_quick(tmp_path):
     assert (tmp_path / "meo.png").is_file()
     by_arm = {r["arm"]: r for r in result["runs"]}
     for r in result["runs"]:
-        assert 1 < r["val_ppl"] < 1024  # below a uniform guess over the quick vocabulary
         assert set(r["ppl_by_task"]) == {"en", "es", "fr"}
-        # the overall perplexity lies between the best and the worst language's
-        assert min(r["ppl_by_task"].values()) <= r["val_ppl"] * (1 + 1e-9)
-        assert r["val_ppl"] <= max(r["ppl_by_task"].values()) * (1 + 1e-9)
+        # every language gets the same number of full windows, so the overall perplexity is the
+        # geometric mean of the three languages'
+        geo = math.exp(statistics.mean(math.log(v) for v in r["ppl_by_task"].values()))
+        assert math.isclose(r["val_ppl"], geo, rel_tol=1e-9)
     meo = next(r for a, r in by_arm.items() if a.startswith("MEO, weights merged ("))
     mixed = next(r for a, r in by_arm.items() if a.startswith("task-level"))
     assert meo["params"] == mixed["params"] and meo["ffn_width"] == 1 and mixed["ffn_width"] == 2
